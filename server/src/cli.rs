@@ -1,0 +1,55 @@
+//! The command line. Its contract is relied on by scripts and systemd units; see `--help`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// ramnbd: a RAM disk served over NBD, so the Linux kernel (nbd-client), qemu, libnbd and fio
+/// see it as a real block device.
+///
+/// With no arguments, serves one 1 GiB export named "" (the default export) on
+/// 127.0.0.1:10809. Memory is taken from the kernel only as data is written and given back on
+/// TRIM; everything is lost when the server stops.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "ramnbd",
+    version,
+    after_help = "\
+EXAMPLES:
+  ramnbd                                   1 GiB default export on 127.0.0.1:10809
+  ramnbd -s 16G -u /run/ramnbd.sock        16 GiB, on a Unix socket only
+  ramnbd -e scratch=64G -e iso=4G,ro,description='install media'
+  nbd-client 127.0.0.1 10809 /dev/nbd0 -N scratch    attach as a kernel block device
+  nbdinfo nbd://127.0.0.1:10809                       show what the server offers
+
+Sizes take binary units: 512M = 512 MiB, 4G = 4 GiB, 1T = 1 TiB.
+Logging: --log-level, else RUST_LOG (e.g. RUST_LOG=ramnbd=debug), else info."
+)]
+pub struct Cli {
+    /// Size of the default export (binary units: 4G = 4 GiB).
+    #[arg(short, long, value_name = "SIZE", conflicts_with = "exports")]
+    pub size: Option<String>,
+
+    /// Add an export: NAME=SIZE[,ro][,description=TEXT]. Repeatable; when given, there is no
+    /// default export. An empty NAME (`=1G`) is the default export. The description runs to
+    /// the end of the argument, commas included.
+    #[arg(short = 'e', long = "export", value_name = "SPEC")]
+    pub exports: Vec<String>,
+
+    /// Listen on a TCP address (HOST:PORT; port 0 picks a free one). Repeatable. Without
+    /// --listen or --unix: 127.0.0.1:10809.
+    #[arg(short, long = "listen", value_name = "HOST:PORT")]
+    pub listen: Vec<String>,
+
+    /// Listen on a Unix socket. Repeatable.
+    #[arg(short, long = "unix", value_name = "PATH")]
+    pub unix: Vec<PathBuf>,
+
+    /// Make every export read-only.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Log level or filter (error, warn, info, debug, trace, or a RUST_LOG-style directive).
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}

@@ -1,0 +1,88 @@
+//! Exports: named RAM disks with their attributes, and what they advertise to clients.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use crate::config::ExportConfig;
+use crate::proto::consts::*;
+use crate::ramdisk::RamDisk;
+
+/// One named export: a RAM region plus the attributes clients see.
+#[derive(Debug)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub read_only: bool,
+    pub disk: RamDisk,
+}
+
+impl Export {
+    pub fn new(config: &ExportConfig) -> io::Result<Self> {
+        Ok(Self {
+            name: config.name.clone(),
+            description: config.description.clone(),
+            read_only: config.read_only,
+            disk: RamDisk::new(config.size)?,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    /// Transmission flags. Everything a RAM disk does natively is advertised: FLUSH and FUA are
+    /// free (writes are in RAM when replied), TRIM and WRITE_ZEROES release pages, zeroing is
+    /// always fast, CACHE is a no-op, and every connection sees one mapping, so multi-conn is
+    /// safe. DF only makes sense (and is only allowed) with structured replies. Never
+    /// ROTATIONAL.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut flags = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_CAN_MULTI_CONN
+            | TFLAG_SEND_CACHE
+            | TFLAG_SEND_FAST_ZERO;
+        if structured {
+            flags |= TFLAG_SEND_DF;
+        }
+        if self.read_only {
+            flags |= TFLAG_READ_ONLY;
+        }
+        flags
+    }
+}
+
+/// All exports of a server, in configuration order, looked up by name.
+#[derive(Debug, Default)]
+pub struct Exports {
+    list: Vec<Arc<Export>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Exports {
+    /// Creates every export's RAM region. Names must be unique (the config checks this).
+    pub fn new(configs: &[ExportConfig]) -> io::Result<Self> {
+        let mut exports = Self::default();
+        for config in configs {
+            let export = Export::new(config).map_err(|err| {
+                io::Error::new(err.kind(), format!("export {:?}: {err}", config.name))
+            })?;
+            exports
+                .by_name
+                .insert(config.name.clone(), exports.list.len());
+            exports.list.push(Arc::new(export));
+        }
+        Ok(exports)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
+        self.by_name.get(name).map(|&i| &self.list[i])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.list.iter()
+    }
+}

@@ -1,0 +1,588 @@
+//! The RAM store: one anonymous private mapping per export, and the only module with `unsafe`.
+//!
+//! # Soundness argument for concurrent access
+//!
+//! Many tasks on several threads read and write one mapping at once (pipelined requests, several
+//! connections). Rust forbids a `&mut [u8]` while anything else reads or writes the same bytes,
+//! and forbids unsynchronised concurrent non-atomic accesses. So:
+//!
+//! * The mapping is held as [`MmapRaw`], which only hands out raw pointers; no reference into the
+//!   data region outlives a single copy below.
+//! * The device is cut into [`CHUNK_SIZE`] chunks. Every chunk is guarded by one of
+//!   [`LOCK_COUNT`] cache-padded `RwLock`s (chunk index modulo the lock count, so a 1 TiB export
+//!   costs no more lock memory than a small one). A copy out of the mapping holds the chunk's
+//!   read lock; a copy into it, a `madvise(MADV_DONTNEED)` or a zero fill holds its write lock.
+//!   Each operation touches one chunk at a time and holds exactly one lock, so there is no lock
+//!   ordering to get wrong and no guard lives across an `.await` (this API is synchronous).
+//!   A request that spans chunks is therefore not atomic against an overlapping concurrent
+//!   request; NBD does not promise that (replies may come in any order and overlapping in-flight
+//!   requests have no defined outcome), but every byte access is race-free.
+//! * The allocation map (one bit per 4 KiB page) lives in a second anonymous mapping viewed as
+//!   `AtomicU64` words, so it is shared safely without locks. One word covers exactly one chunk,
+//!   and a word is only modified under its chunk's write lock, which makes the
+//!   bit-then-data bookkeeping consistent for readers holding the read lock.
+//!
+//! # Memory behaviour
+//!
+//! The mapping is `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`: the kernel gives a page RAM on
+//! its first write, so a 1 TiB export starts instantly and costs nothing until written. Reads of
+//! pages the allocation map knows to be unwritten are served as zeroes without touching the
+//! mapping. Whole pages written with zeroes are not populated (and are released if they were),
+//! and TRIM / WRITE_ZEROES release the page-aligned middle of their range with `MADV_DONTNEED`,
+//! which returns the RAM to the kernel and makes the pages read back as zero.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+
+/// The allocation granularity the store tracks and releases: the kernel's base page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Pages per allocation-map word; also the pages per locking chunk.
+const PAGES_PER_WORD: u64 = 64;
+/// Bytes covered by one lock and one allocation-map word (256 KiB).
+pub const CHUNK_SIZE: u64 = PAGE_SIZE * PAGES_PER_WORD;
+/// Number of chunk locks, whatever the export size.
+const LOCK_COUNT: usize = 1024;
+
+/// One chunk lock on its own cache line, so that neighbouring locks taken by different threads
+/// do not bounce a shared line between cores.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+struct ChunkLock(RwLock<()>);
+
+/// A fixed-size RAM region with an allocation map; see the module documentation.
+#[derive(Debug)]
+pub struct RamDisk {
+    size: u64,
+    data: MmapRaw,
+    /// One bit per page: set = the page may hold non-zero data (it is or was populated).
+    alloc_map: MmapRaw,
+    words: usize,
+    locks: Box<[ChunkLock]>,
+    allocated_pages: AtomicU64,
+}
+
+/// The state of a run of pages, as `base:allocation` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// Never written, trimmed or zeroed: reads as zero and costs no RAM.
+    Hole,
+    /// Holds data (possibly zeroes written with `NO_HOLE`).
+    Data,
+}
+
+impl RamDisk {
+    /// Reserves (but does not populate) `size` bytes of address space.
+    pub fn new(size: u64) -> io::Result<Self> {
+        if size == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "export size is zero",
+            ));
+        }
+        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "export size too large");
+        let map_len = usize::try_from(size).map_err(|_| too_big())?;
+        let words = usize::try_from(size.div_ceil(CHUNK_SIZE)).map_err(|_| too_big())?;
+        let data = MmapOptions::new()
+            .len(map_len)
+            .no_reserve_swap()
+            .map_anon()?;
+        let alloc_map = MmapOptions::new()
+            .len(words * size_of::<AtomicU64>())
+            .no_reserve_swap()
+            .map_anon()?;
+        Ok(Self {
+            size,
+            data: MmapRaw::from(data),
+            alloc_map: MmapRaw::from(alloc_map),
+            words,
+            locks: (0..LOCK_COUNT).map(|_| ChunkLock::default()).collect(),
+            allocated_pages: AtomicU64::new(0),
+        })
+    }
+
+    /// The export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes of pages the store holds data for (what the RAM disk really costs, give or take
+    /// pages the kernel has not yet reclaimed).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_pages.load(Ordering::Relaxed) * PAGE_SIZE
+    }
+
+    /// Appends `len` bytes read at `offset` to `out`, without zero-filling `out` first.
+    ///
+    /// # Panics
+    /// If the range is outside the export; callers validate requests first.
+    pub fn read_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
+        self.check_range(offset, len as u64);
+        out.reserve(len);
+        let start = out.len();
+        let spare = &mut out.spare_capacity_mut()[..len];
+        let mut done = 0usize;
+        for piece in Pieces::new(offset, len as u64) {
+            let dst = &mut spare[done..done + piece.len as usize];
+            let _guard = self.read_lock(piece.chunk);
+            let word = self.word(piece.chunk).load(Ordering::Acquire);
+            for page in piece.pages() {
+                let dst_off = (page.offset - offset) as usize - done;
+                let page_dst = &mut dst[dst_off..dst_off + page.len as usize];
+                if word & page.bit == 0 {
+                    page_dst.fill(std::mem::MaybeUninit::new(0));
+                } else {
+                    // SAFETY: `page` lies inside the mapping (check_range above and Pieces split
+                    // the validated range). We hold the chunk's read lock, so no writer mutates
+                    // these bytes during the copy; the destination is freshly reserved spare
+                    // capacity that cannot overlap the mapping.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.data.as_ptr().add(page.offset as usize),
+                            page_dst.as_mut_ptr().cast::<u8>(),
+                            page.len as usize,
+                        );
+                    }
+                }
+            }
+            done += piece.len as usize;
+        }
+        // SAFETY: every one of the `len` bytes after `start` was initialised above, by a fill or a
+        // copy, and `reserve(len)` guaranteed the capacity.
+        unsafe { out.set_len(start + len) };
+    }
+
+    /// Writes `data` at `offset`. Whole pages of zeroes are not populated (and are released if
+    /// they held data), so writing zeroes costs no RAM.
+    ///
+    /// # Panics
+    /// If the range is outside the export; callers validate requests first.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        self.check_range(offset, data.len() as u64);
+        let mut done = 0usize;
+        for piece in Pieces::new(offset, data.len() as u64) {
+            let src = &data[done..done + piece.len as usize];
+            let _guard = self.write_lock(piece.chunk);
+            let word = self.word(piece.chunk);
+            let mut set = 0u64;
+            let mut release = PageRun::default();
+            for page in piece.pages() {
+                let at = (page.offset - offset) as usize - done;
+                let page_src = &src[at..at + page.len as usize];
+                let allocated = word.load(Ordering::Relaxed) & page.bit != 0;
+                if is_zero(page_src) && (page.is_whole() || !allocated) {
+                    // A whole page of zeroes, or zeroes into a page that already reads as
+                    // zero: nothing to store.
+                    if allocated {
+                        release.add(page.offset);
+                    } else {
+                        self.flush_release(&mut release, word);
+                    }
+                    continue;
+                }
+                self.flush_release(&mut release, word);
+                // SAFETY: in bounds (validated range); we hold the chunk's write lock, so no
+                // other access to these bytes runs concurrently; `page_src` is a network buffer
+                // that cannot overlap the mapping.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        page_src.as_ptr(),
+                        self.data.as_mut_ptr().add(page.offset as usize),
+                        page.len as usize,
+                    );
+                }
+                set |= page.bit;
+            }
+            self.flush_release(&mut release, word);
+            self.mark_allocated(word, set);
+            done += piece.len as usize;
+        }
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes. With `release`, the page-aligned middle is
+    /// given back to the kernel and becomes a hole; without it (`NO_HOLE`), zeroes are written
+    /// and the pages stay allocated.
+    ///
+    /// # Panics
+    /// If the range is outside the export; callers validate requests first.
+    pub fn zero(&self, offset: u64, len: u64, release: bool) {
+        self.check_range(offset, len);
+        for piece in Pieces::new(offset, len) {
+            let _guard = self.write_lock(piece.chunk);
+            let word = self.word(piece.chunk);
+            let mut set = 0u64;
+            let mut run = PageRun::default();
+            for page in piece.pages() {
+                let allocated = word.load(Ordering::Relaxed) & page.bit != 0;
+                if release && page.is_whole() {
+                    if allocated {
+                        run.add(page.offset);
+                    } else {
+                        self.flush_release(&mut run, word);
+                    }
+                    continue;
+                }
+                self.flush_release(&mut run, word);
+                if !allocated && release {
+                    continue; // already reads as zero
+                }
+                // SAFETY: in bounds (validated range), and we hold the chunk's write lock.
+                unsafe {
+                    std::ptr::write_bytes(
+                        self.data.as_mut_ptr().add(page.offset as usize),
+                        0,
+                        page.len as usize,
+                    );
+                }
+                set |= page.bit;
+            }
+            self.flush_release(&mut run, word);
+            self.mark_allocated(word, set);
+        }
+    }
+
+    /// Walks the allocation map from `offset` for up to `len` bytes and returns runs of equal
+    /// state, at most `max_extents` of them. Extents are page-aligned inside, clipped to the
+    /// requested range at the ends. Lock-free: a result may lag a request still in flight, as
+    /// the protocol allows.
+    pub fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Vec<(u64, Extent)> {
+        self.check_range(offset, len);
+        let end = offset + len;
+        let mut out: Vec<(u64, Extent)> = Vec::new();
+        let mut pos = offset;
+        while pos < end && (out.len() < max_extents || out.is_empty()) {
+            let chunk = pos / CHUNK_SIZE;
+            let word = self.word(chunk).load(Ordering::Acquire);
+            // Whole word in one state: jump over the rest of the chunk at once.
+            let (state, next) = if word == 0 || word == u64::MAX {
+                let state = if word == 0 {
+                    Extent::Hole
+                } else {
+                    Extent::Data
+                };
+                (state, (chunk + 1) * CHUNK_SIZE)
+            } else {
+                let bit = 1u64 << ((pos % CHUNK_SIZE) / PAGE_SIZE);
+                let state = if word & bit == 0 {
+                    Extent::Hole
+                } else {
+                    Extent::Data
+                };
+                (state, (pos / PAGE_SIZE + 1) * PAGE_SIZE)
+            };
+            let step = next.min(end) - pos;
+            let full = out.len() == max_extents;
+            match out.last_mut() {
+                Some((run, last)) if *last == state => *run += step,
+                _ if full => break,
+                _ => out.push((step, state)),
+            }
+            pos += step;
+        }
+        out
+    }
+
+    fn check_range(&self, offset: u64, len: u64) {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.size),
+            "range {offset}+{len} outside a {}-byte export",
+            self.size
+        );
+    }
+
+    fn read_lock(&self, chunk: u64) -> RwLockReadGuard<'_, ()> {
+        // A poisoned lock only means another thread panicked while holding it; the data it
+        // guards is plain bytes with no invariant to break, so carry on.
+        let lock = &self.locks[chunk as usize % LOCK_COUNT].0;
+        lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_lock(&self, chunk: u64) -> RwLockWriteGuard<'_, ()> {
+        let lock = &self.locks[chunk as usize % LOCK_COUNT].0;
+        lock.write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn word(&self, chunk: u64) -> &AtomicU64 {
+        let index = chunk as usize;
+        assert!(index < self.words);
+        // SAFETY: `alloc_map` is a live, page-aligned (so 8-aligned) anonymous mapping of
+        // `words` u64s, zero-initialised by the kernel (a valid AtomicU64), that lives as long as
+        // `self`; `index < words` keeps the pointer in bounds. All access to it goes through
+        // atomics, so shared references are sound.
+        unsafe { &*self.alloc_map.as_ptr().cast::<AtomicU64>().add(index) }
+    }
+
+    fn mark_allocated(&self, word: &AtomicU64, bits: u64) {
+        if bits != 0 {
+            let before = word.fetch_or(bits, Ordering::Release);
+            let new = (bits & !before).count_ones();
+            self.allocated_pages
+                .fetch_add(u64::from(new), Ordering::Relaxed);
+        }
+    }
+
+    /// Gives a run of whole pages back to the kernel and clears their bits. The caller holds
+    /// the write lock of the chunk the run lies in (runs never cross a chunk).
+    fn flush_release(&self, run: &mut PageRun, word: &AtomicU64) {
+        let Some((start, len)) = run.take() else {
+            return;
+        };
+        // SAFETY: the run is page-aligned and inside the mapping, and we hold the write lock of
+        // its chunk, so no reader or writer is copying these bytes and no reference into them
+        // exists (this module never keeps one). For a private anonymous mapping, DONTNEED drops
+        // the pages and later reads see zero-fill-on-demand pages, which is the result we want.
+        let result = unsafe {
+            self.data.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                start as usize,
+                len as usize,
+            )
+        };
+        if let Err(err) = result {
+            // Cannot fail for a valid range of our own mapping; if it ever does, the data must
+            // still read back as zero, so fall back to writing zeroes and keep the pages.
+            tracing::warn!(%err, "madvise(DONTNEED) failed, zero-filling instead");
+            // SAFETY: same range and lock as above.
+            unsafe {
+                std::ptr::write_bytes(self.data.as_mut_ptr().add(start as usize), 0, len as usize)
+            };
+            return;
+        }
+        let first = (start % CHUNK_SIZE) / PAGE_SIZE;
+        let count = len / PAGE_SIZE;
+        let bits = if count == PAGES_PER_WORD {
+            u64::MAX
+        } else {
+            ((1u64 << count) - 1) << first
+        };
+        let before = word.fetch_and(!bits, Ordering::Release);
+        let freed = (before & bits).count_ones();
+        self.allocated_pages
+            .fetch_sub(u64::from(freed), Ordering::Relaxed);
+    }
+}
+
+/// Fast all-zero test: OR-folding fixed blocks vectorises well, and random data exits at the
+/// first block.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    let whole = blocks
+        .by_ref()
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0);
+    whole && blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// A contiguous run of whole pages collected for one `madvise` call.
+#[derive(Debug, Default)]
+struct PageRun {
+    start: u64,
+    len: u64,
+}
+
+impl PageRun {
+    fn add(&mut self, page_offset: u64) {
+        if self.len > 0 && self.start + self.len == page_offset {
+            self.len += PAGE_SIZE;
+        } else {
+            debug_assert!(self.len == 0, "runs are flushed before a gap");
+            self.start = page_offset;
+            self.len = PAGE_SIZE;
+        }
+    }
+
+    fn take(&mut self) -> Option<(u64, u64)> {
+        (self.len > 0).then(|| (self.start, std::mem::take(&mut self.len)))
+    }
+}
+
+/// The part of a request inside one chunk.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    chunk: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// The part of a piece inside one page.
+#[derive(Debug, Clone, Copy)]
+struct PagePart {
+    offset: u64,
+    len: u64,
+    bit: u64,
+}
+
+impl PagePart {
+    fn is_whole(&self) -> bool {
+        self.len == PAGE_SIZE
+    }
+}
+
+impl Piece {
+    fn pages(self) -> impl Iterator<Item = PagePart> {
+        split(self.offset, self.len, PAGE_SIZE).map(|(offset, len)| PagePart {
+            offset,
+            len,
+            bit: 1 << ((offset % CHUNK_SIZE) / PAGE_SIZE),
+        })
+    }
+}
+
+/// Splits a range into chunk pieces.
+struct Pieces;
+
+impl Pieces {
+    #[allow(clippy::new_ret_no_self)]
+    fn new(offset: u64, len: u64) -> impl Iterator<Item = Piece> {
+        split(offset, len, CHUNK_SIZE).map(|(offset, len)| Piece {
+            chunk: offset / CHUNK_SIZE,
+            offset,
+            len,
+        })
+    }
+}
+
+/// Splits `[offset, offset + len)` at multiples of `unit`.
+fn split(offset: u64, len: u64, unit: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        (pos < end).then(|| {
+            let next = ((pos / unit + 1) * unit).min(end);
+            let part = (pos, next - pos);
+            pos = next;
+            part
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(disk: &RamDisk, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        disk.read_into(offset, len, &mut out);
+        out
+    }
+
+    #[test]
+    fn fresh_disk_reads_zero_and_is_one_hole() {
+        let disk = RamDisk::new(10 * CHUNK_SIZE + 123).unwrap();
+        assert!(read(&disk, 0, 100_000).iter().all(|&b| b == 0));
+        assert_eq!(
+            disk.extents(0, disk.size(), 16),
+            vec![(disk.size(), Extent::Hole)]
+        );
+        assert_eq!(disk.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn unaligned_write_reads_back_across_chunks() {
+        let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
+        let data: Vec<u8> = (0..CHUNK_SIZE + 9000)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        let at = CHUNK_SIZE - 777;
+        disk.write(at, &data);
+        assert_eq!(read(&disk, at, data.len()), data);
+        assert_eq!(read(&disk, at - 10, 10), vec![0; 10]);
+        // Pages touched: from the page holding `at` to the one holding the last byte.
+        let first = at / PAGE_SIZE;
+        let last = (at + data.len() as u64 - 1) / PAGE_SIZE;
+        assert_eq!(disk.allocated_bytes(), (last - first + 1) * PAGE_SIZE);
+    }
+
+    #[test]
+    fn zero_pages_in_a_write_are_not_allocated() {
+        let disk = RamDisk::new(CHUNK_SIZE).unwrap();
+        let mut data = vec![0u8; 4 * PAGE_SIZE as usize];
+        data[PAGE_SIZE as usize + 5] = 7; // only page 1 holds data
+        disk.write(0, &data);
+        assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
+        assert_eq!(read(&disk, 0, data.len()), data);
+        assert_eq!(
+            disk.extents(0, 4 * PAGE_SIZE, 16),
+            vec![
+                (PAGE_SIZE, Extent::Hole),
+                (PAGE_SIZE, Extent::Data),
+                (2 * PAGE_SIZE, Extent::Hole)
+            ]
+        );
+        // Overwriting the data page with zeroes releases it.
+        disk.write(PAGE_SIZE, &vec![0; PAGE_SIZE as usize]);
+        assert_eq!(disk.allocated_bytes(), 0);
+        assert!(read(&disk, 0, data.len()).iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn zero_with_release_frees_whole_pages_and_zeroes_edges() {
+        let disk = RamDisk::new(3 * CHUNK_SIZE).unwrap();
+        let data = vec![0xabu8; (2 * CHUNK_SIZE) as usize];
+        disk.write(0, &data);
+        assert_eq!(disk.allocated_bytes(), 2 * CHUNK_SIZE);
+        disk.zero(100, 2 * CHUNK_SIZE - 200, true);
+        let back = read(&disk, 0, data.len());
+        assert!(back[..100].iter().all(|&b| b == 0xab));
+        assert!(back[100..back.len() - 100].iter().all(|&b| b == 0));
+        assert!(back[back.len() - 100..].iter().all(|&b| b == 0xab));
+        // Only the two edge pages keep RAM.
+        assert_eq!(disk.allocated_bytes(), 2 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn zero_without_release_keeps_pages_allocated() {
+        let disk = RamDisk::new(CHUNK_SIZE).unwrap();
+        disk.zero(0, 2 * PAGE_SIZE, false);
+        assert_eq!(disk.allocated_bytes(), 2 * PAGE_SIZE);
+        assert_eq!(
+            disk.extents(0, 2 * PAGE_SIZE, 4),
+            vec![(2 * PAGE_SIZE, Extent::Data)]
+        );
+        assert!(
+            read(&disk, 0, 2 * PAGE_SIZE as usize)
+                .iter()
+                .all(|&b| b == 0)
+        );
+    }
+
+    #[test]
+    fn extents_respect_the_limit_and_range() {
+        let disk = RamDisk::new(CHUNK_SIZE).unwrap();
+        for page in (0..64).step_by(2) {
+            disk.write(page * PAGE_SIZE, &[1]);
+        }
+        let all = disk.extents(0, CHUNK_SIZE, usize::MAX);
+        assert_eq!(all.len(), 64);
+        assert_eq!(disk.extents(0, CHUNK_SIZE, 3).len(), 3);
+        assert_eq!(disk.extents(10, 100, 8), vec![(100, Extent::Data)]);
+    }
+
+    #[test]
+    fn huge_sparse_disk_costs_nothing() {
+        let disk = RamDisk::new(1 << 40).unwrap();
+        disk.write((1 << 40) - 4096, &[9; 4096]);
+        disk.zero(0, (1 << 40) - 4096, true);
+        assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
+        let extents = disk.extents(0, 1 << 40, 16);
+        assert_eq!(
+            extents,
+            vec![((1 << 40) - 4096, Extent::Hole), (4096, Extent::Data)]
+        );
+    }
+
+    #[test]
+    fn is_zero_checks_every_byte() {
+        let mut buf = vec![0u8; 4099];
+        assert!(is_zero(&buf));
+        for at in [0, 63, 64, 4095, 4098] {
+            buf[at] = 1;
+            assert!(!is_zero(&buf), "missed byte {at}");
+            buf[at] = 0;
+        }
+    }
+}

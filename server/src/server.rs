@@ -1,0 +1,203 @@
+//! Listeners and the accept loop: every connection gets its own task, a tracing span with its
+//! peer and export, and a slot under the connection cap; shutdown stops accepting and lets
+//! sessions finish what they started.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::ListenAddr;
+use crate::export::Exports;
+use crate::session;
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed again when the server stops.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// A human-readable address: `tcp 127.0.0.1:10809` or `unix /run/ramnbd.sock`.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(addr) => format!("tcp {addr}"),
+                Err(_) => "tcp (unknown address)".to_owned(),
+            },
+            Listener::Unix(_, path) => format!("unix {}", path.display()),
+        }
+    }
+}
+
+/// Binds every configured address. A stale Unix socket file (nobody listening) is replaced; a
+/// live one is an error, so two servers never silently share a path.
+pub async fn bind(addrs: &[ListenAddr]) -> io::Result<Vec<Listener>> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let listener = match addr {
+            ListenAddr::Tcp(host_port) => TcpListener::bind(host_port.as_str())
+                .await
+                .map(Listener::Tcp)
+                .map_err(|err| {
+                    io::Error::new(err.kind(), format!("listen on {host_port}: {err}"))
+                })?,
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path).await?;
+                let listener = UnixListener::bind(path).map_err(|err| {
+                    io::Error::new(err.kind(), format!("listen on {}: {err}", path.display()))
+                })?;
+                Listener::Unix(listener, path.clone())
+            }
+        };
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+async fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; remove it or pick another path",
+                path.display()
+            ),
+        ));
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by another server", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Serving limits and the shutdown policy.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Accepts on every listener until `shutdown` is cancelled, then waits up to the grace period
+/// for sessions to finish their in-flight requests. Returns when everything has stopped.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    exports: Arc<Exports>,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let mut unix_paths = Vec::new();
+    for listener in listeners {
+        if let Listener::Unix(_, path) = &listener {
+            unix_paths.push(path.clone());
+        }
+        let accept = accept_loop(
+            listener,
+            Arc::clone(&exports),
+            Arc::clone(&slots),
+            tracker.clone(),
+            shutdown.clone(),
+        );
+        tracker.spawn(accept);
+    }
+    shutdown.cancelled().await;
+    tracker.close();
+    tracing::info!(
+        active = tracker.len(),
+        "stopping: no new connections, finishing requests in flight"
+    );
+    if tokio::time::timeout(options.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?options.shutdown_grace, "connections still open after the grace period, closing them");
+    }
+    for path in unix_paths {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    exports: Arc<Exports>,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("semaphore never closed"),
+            () = shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = accept(&listener) => accepted,
+            () = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // EMFILE and friends: back off rather than spin, and keep serving.
+                tracing::warn!(cause = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
+        let exports = Arc::clone(&exports);
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                tracing::debug!("accepted");
+                match stream {
+                    Stream::Tcp(stream) => {
+                        let (reader, writer) = stream.into_split();
+                        session::serve(reader, writer, exports, shutdown).await;
+                    }
+                    Stream::Unix(stream) => {
+                        let (reader, writer) = stream.into_split();
+                        session::serve(reader, writer, exports, shutdown).await;
+                    }
+                }
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Accepts one connection. TCP gets TCP_NODELAY: replies are small and latency-bound.
+async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, peer) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            Ok((Stream::Tcp(stream), peer.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (stream, _) = l.accept().await?;
+            Ok((Stream::Unix(stream), format!("unix:{}", path.display())))
+        }
+    }
+}

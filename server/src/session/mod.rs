@@ -1,0 +1,52 @@
+//! One client connection: the handshake (`negotiate`), then the transmission phase
+//! (`transmit`). Generic over the stream halves so TCP and Unix sockets share all code.
+
+mod negotiate;
+mod transmit;
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::export::Exports;
+
+pub use negotiate::Negotiated;
+
+/// Serves one connection until the client leaves, the stream breaks, or shutdown completes.
+/// Errors are logged here: one connection's failure never affects another.
+pub async fn serve<R, W>(
+    mut reader: R,
+    mut writer: W,
+    exports: Arc<Exports>,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let negotiated = tokio::select! {
+        result = negotiate::negotiate(&mut reader, &mut writer, &exports) => result,
+        () = shutdown.cancelled() => {
+            tracing::debug!("shutdown during handshake, closing");
+            return;
+        }
+    };
+    let negotiated = match negotiated {
+        Ok(Some(negotiated)) => negotiated,
+        Ok(None) => return,
+        Err(err) => {
+            tracing::debug!(cause = %err, "handshake ended");
+            return;
+        }
+    };
+    tracing::Span::current().record("export", negotiated.export.name.as_str());
+    tracing::info!(
+        mode = ?negotiated.reply_mode(),
+        size = negotiated.export.size(),
+        "transmission started"
+    );
+    match transmit::transmit(reader, writer, negotiated, shutdown).await {
+        Ok(stats) => tracing::info!(requests = stats.requests, "connection closed"),
+        Err(err) => tracing::info!(cause = %err, "connection dropped"),
+    }
+}

@@ -1,0 +1,281 @@
+//! The handshake: fixed newstyle with NO_ZEROES, then options until the client picks an export
+//! (GO or EXPORT_NAME) or leaves.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::export::{Export, Exports};
+use crate::proto::consts::*;
+use crate::proto::handshake::{self, option_reply};
+use crate::proto::transmission::ReplyMode;
+
+/// The id this server gives `base:allocation` in SET_META_CONTEXT.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What the handshake agreed on; everything the transmission phase needs.
+#[derive(Debug)]
+pub struct Negotiated {
+    pub export: Arc<Export>,
+    pub structured: bool,
+    pub extended: bool,
+    /// The id of `base:allocation`, if the client selected it for this export.
+    pub base_allocation: Option<u32>,
+}
+
+impl Negotiated {
+    pub fn reply_mode(&self) -> ReplyMode {
+        if self.extended {
+            ReplyMode::Extended
+        } else if self.structured {
+            ReplyMode::Structured
+        } else {
+            ReplyMode::Simple
+        }
+    }
+}
+
+/// Option-phase state that later options change.
+#[derive(Debug, Default)]
+struct State {
+    fixed_newstyle: bool,
+    no_zeroes: bool,
+    structured: bool,
+    extended: bool,
+    /// Export for which SET_META_CONTEXT selected base:allocation.
+    meta_export: Option<String>,
+}
+
+/// Runs the handshake. `Ok(None)`: the client aborted or broke a rule that ends the
+/// connection (both logged).
+pub async fn negotiate<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &Exports,
+) -> io::Result<Option<Negotiated>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    writer.write_all(&greeting).await?;
+
+    let client_flags = reader.read_u32().await?;
+    // Spec: the server MUST drop the connection on a client flag it did not advertise.
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        tracing::info!(client_flags, "client sent unknown handshake flags, closing");
+        return Ok(None);
+    }
+    let mut state = State {
+        fixed_newstyle: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        ..State::default()
+    };
+
+    let mut out = Vec::new();
+    loop {
+        let magic = reader.read_u64().await?;
+        let option = reader.read_u32().await?;
+        let len = reader.read_u32().await?;
+        if magic != IHAVEOPT {
+            tracing::info!(magic, "bad option magic, closing");
+            return Ok(None);
+        }
+        if !state.fixed_newstyle && option != OPT_EXPORT_NAME {
+            // Plain newstyle clients may only send EXPORT_NAME, and cannot read error replies.
+            tracing::info!(
+                option,
+                "non-fixed-newstyle client sent an option other than EXPORT_NAME"
+            );
+            return Ok(None);
+        }
+        if len > MAX_OPTION_DATA {
+            if option == OPT_EXPORT_NAME {
+                tracing::info!(len, "EXPORT_NAME longer than any name, closing");
+                return Ok(None);
+            }
+            // Drain without buffering so the option stream stays in sync.
+            tokio::io::copy(
+                &mut (&mut *reader).take(u64::from(len)),
+                &mut tokio::io::sink(),
+            )
+            .await?;
+            out.clear();
+            option_reply(&mut out, option, REP_ERR_TOO_BIG, b"option data too large");
+            writer.write_all(&out).await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        reader.read_exact(&mut data).await?;
+        tracing::debug!(option, len, "option");
+
+        out.clear();
+        let step = handle_option(option, &data, &mut state, exports, &mut out);
+        writer.write_all(&out).await?;
+        match step {
+            Step::Continue => {}
+            Step::Close => return Ok(None),
+            Step::Transmit(export) => {
+                let base_allocation = (state.meta_export.as_deref() == Some(export.name.as_str()))
+                    .then_some(BASE_ALLOCATION_ID);
+                return Ok(Some(Negotiated {
+                    export,
+                    structured: state.structured || state.extended,
+                    extended: state.extended,
+                    base_allocation,
+                }));
+            }
+        }
+    }
+}
+
+enum Step {
+    Continue,
+    Close,
+    Transmit(Arc<Export>),
+}
+
+/// Handles one option, appending the replies to `out`.
+fn handle_option(
+    option: u32,
+    data: &[u8],
+    state: &mut State,
+    exports: &Exports,
+    out: &mut Vec<u8>,
+) -> Step {
+    let error = |out: &mut Vec<u8>, kind: u32, message: &str| {
+        option_reply(out, option, kind, message.as_bytes());
+        Step::Continue
+    };
+    match option {
+        OPT_EXPORT_NAME => {
+            if state.extended {
+                tracing::info!("EXPORT_NAME after EXTENDED_HEADERS is forbidden, closing");
+                return Step::Close;
+            }
+            let Some(export) = std::str::from_utf8(data)
+                .ok()
+                .and_then(|name| exports.get(name))
+            else {
+                // No error path exists for EXPORT_NAME: the spec says to close.
+                tracing::info!(name = %String::from_utf8_lossy(data), "unknown export, closing");
+                return Step::Close;
+            };
+            let flags = export.transmission_flags(state.structured);
+            out.extend(handshake::export_name_reply(
+                export.size(),
+                flags,
+                state.no_zeroes,
+            ));
+            Step::Transmit(Arc::clone(export))
+        }
+        OPT_ABORT => {
+            option_reply(out, option, REP_ACK, &[]);
+            Step::Close
+        }
+        OPT_LIST => {
+            if !data.is_empty() {
+                return error(out, REP_ERR_INVALID, "LIST takes no data");
+            }
+            for export in exports.iter() {
+                let entry = handshake::server_entry(&export.name, &export.description);
+                option_reply(out, option, REP_SERVER, &entry);
+            }
+            option_reply(out, option, REP_ACK, &[]);
+            Step::Continue
+        }
+        OPT_STARTTLS => error(out, REP_ERR_POLICY, "TLS is not available on this server"),
+        OPT_INFO | OPT_GO => {
+            let request = match handshake::parse_info_request(data) {
+                Ok(request) => request,
+                Err(err) => return error(out, REP_ERR_INVALID, err.0),
+            };
+            let Some(export) = exports.get(&request.export) else {
+                return error(out, REP_ERR_UNKNOWN, "no export by that name");
+            };
+            let flags = export.transmission_flags(state.structured || state.extended);
+            option_reply(
+                out,
+                option,
+                REP_INFO,
+                &handshake::info_export(export.size(), flags),
+            );
+            if request.requested.contains(&INFO_NAME) {
+                let info = handshake::info_text(INFO_NAME, &export.name);
+                option_reply(out, option, REP_INFO, &info);
+            }
+            if request.requested.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+                let info = handshake::info_text(INFO_DESCRIPTION, &export.description);
+                option_reply(out, option, REP_INFO, &info);
+            }
+            // Sent unasked too: clients that did not ask must ignore it, and those that do
+            // get the real limits (any alignment, 4 KiB pages, 32 MiB payloads).
+            option_reply(out, option, REP_INFO, &handshake::info_block_size());
+            option_reply(out, option, REP_ACK, &[]);
+            if option == OPT_GO {
+                Step::Transmit(Arc::clone(export))
+            } else {
+                Step::Continue
+            }
+        }
+        OPT_STRUCTURED_REPLY => {
+            if !data.is_empty() {
+                return error(out, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+            }
+            if state.extended {
+                return error(
+                    out,
+                    REP_ERR_INVALID,
+                    "extended headers already imply structured replies",
+                );
+            }
+            state.structured = true;
+            option_reply(out, option, REP_ACK, &[]);
+            Step::Continue
+        }
+        OPT_EXTENDED_HEADERS => {
+            if !data.is_empty() {
+                return error(out, REP_ERR_INVALID, "EXTENDED_HEADERS takes no data");
+            }
+            state.extended = true;
+            option_reply(out, option, REP_ACK, &[]);
+            Step::Continue
+        }
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            let setting = option == OPT_SET_META_CONTEXT;
+            if setting {
+                // SET replaces earlier contexts even when it fails.
+                state.meta_export = None;
+                if !state.structured && !state.extended {
+                    return error(out, REP_ERR_INVALID, "negotiate structured replies first");
+                }
+            }
+            let request = match handshake::parse_meta_context_request(data) {
+                Ok(request) => request,
+                Err(err) => return error(out, REP_ERR_INVALID, err.0),
+            };
+            if exports.get(&request.export).is_none() {
+                return error(out, REP_ERR_UNKNOWN, "no export by that name");
+            }
+            if handshake::selects_base_allocation(&request.queries, !setting) {
+                let id = if setting { BASE_ALLOCATION_ID } else { 0 };
+                option_reply(
+                    out,
+                    option,
+                    REP_META_CONTEXT,
+                    &handshake::meta_context(id, BASE_ALLOCATION),
+                );
+                if setting {
+                    state.meta_export = Some(request.export);
+                }
+            }
+            option_reply(out, option, REP_ACK, &[]);
+            Step::Continue
+        }
+        _ => error(out, REP_ERR_UNSUP, "option not supported"),
+    }
+}
