@@ -30,9 +30,9 @@ pub struct Cli {
     #[arg(short, long, value_name = "SIZE", conflicts_with = "exports")]
     pub size: Option<String>,
 
-    /// Add an export: NAME=SIZE[,ro][,description=TEXT]. Repeatable; when given, there is no
-    /// default export. An empty NAME (`=1G`) is the default export. The description runs to
-    /// the end of the argument, commas included.
+    /// Add an export: NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT]. Repeatable; when
+    /// given, there is no default export. An empty NAME (`=1G`) is the default export. The
+    /// description runs to the end of the argument, commas included.
     #[arg(short = 'e', long = "export", value_name = "SPEC")]
     pub exports: Vec<String>,
 
@@ -48,6 +48,21 @@ pub struct Cli {
     /// Make every export read-only.
     #[arg(long)]
     pub read_only: bool,
+
+    /// Cap on the RAM all exports together may hold (binary units). A write that would go over
+    /// it fails with ENOSPC; TRIM and zero writes make room again.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+
+    /// Lock export pages in RAM as they are written (never swapped). Needs RLIMIT_MEMLOCK
+    /// (systemd: LimitMEMLOCK=) at least as large as the memory the exports will hold.
+    #[arg(long)]
+    pub mlock: bool,
+
+    /// Back exports with transparent huge pages (MADV_HUGEPAGE): fewer TLB misses, but RAM is
+    /// then taken and returned in 2 MiB units, so TRIMs smaller than 2 MiB free less.
+    #[arg(long)]
+    pub hugepages: bool,
 
     /// Log level or filter (error, warn, info, debug, trace, or a RUST_LOG-style directive).
     #[arg(long, value_name = "LEVEL")]

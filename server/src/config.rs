@@ -18,7 +18,9 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
-    #[error("bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,description=TEXT])")]
+    #[error(
+        "bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT])"
+    )]
     ExportSpec { spec: String, reason: String },
     #[error("export name {0:?} is given twice; export names must be unique")]
     DuplicateExport(String),
@@ -31,6 +33,19 @@ pub struct ExportConfig {
     pub size: u64,
     pub read_only: bool,
     pub description: String,
+    /// Cap on the RAM this export may hold, on top of the global cap.
+    pub max_memory: Option<u64>,
+}
+
+/// Server-wide memory policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Cap on the RAM all exports together may hold.
+    pub max_memory: Option<u64>,
+    /// Lock pages in RAM as they fault in.
+    pub mlock: bool,
+    /// Ask for transparent huge pages.
+    pub hugepages: bool,
 }
 
 /// A place to listen.
@@ -45,6 +60,7 @@ pub enum ListenAddr {
 pub struct Config {
     pub exports: Vec<ExportConfig>,
     pub listen: Vec<ListenAddr>,
+    pub memory: MemoryConfig,
     pub log_level: Option<String>,
     /// How long a stopping server waits for connections to finish.
     pub shutdown_grace: Duration,
@@ -66,6 +82,7 @@ impl TryFrom<Cli> for Config {
                 size,
                 read_only: false,
                 description: String::new(),
+                max_memory: None,
             }]
         } else {
             cli.exports
@@ -86,9 +103,19 @@ impl TryFrom<Cli> for Config {
         if listen.is_empty() {
             listen.push(ListenAddr::Tcp(DEFAULT_LISTEN.to_owned()));
         }
+        let memory = MemoryConfig {
+            max_memory: cli
+                .max_memory
+                .as_deref()
+                .map(|t| parse_size(t, "--max-memory"))
+                .transpose()?,
+            mlock: cli.mlock,
+            hugepages: cli.hugepages,
+        };
         Ok(Config {
             exports,
             listen,
+            memory,
             log_level: cli.log_level,
             shutdown_grace: Duration::from_secs(10),
             max_connections: 1024,
@@ -116,7 +143,7 @@ pub fn parse_size(text: &str, what: &str) -> Result<u64, ConfigError> {
     Ok(size)
 }
 
-/// Parses `NAME=SIZE[,ro][,description=TEXT]`.
+/// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT]`.
 pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::ExportSpec {
         spec: spec.to_owned(),
@@ -140,11 +167,18 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     }
     let size = parse_size(size_text, &format!("export {name:?}"))?;
     let mut read_only = false;
+    let mut max_memory = None;
     for option in parts {
-        match option {
-            "ro" => read_only = true,
-            "rw" => read_only = false,
-            other => return Err(bad(&format!("unknown option {other:?}"))),
+        match option.split_once('=') {
+            None if option == "ro" => read_only = true,
+            None if option == "rw" => read_only = false,
+            Some(("max-memory", value)) => {
+                max_memory = Some(parse_size(
+                    value,
+                    &format!("max-memory of export {name:?}"),
+                )?);
+            }
+            _ => return Err(bad(&format!("unknown option {option:?}"))),
         }
     }
     Ok(ExportConfig {
@@ -152,6 +186,7 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
         size,
         read_only,
         description,
+        max_memory,
     })
 }
 
@@ -176,7 +211,8 @@ mod tests {
                 name: String::new(),
                 size: 1 << 30,
                 read_only: false,
-                description: String::new()
+                description: String::new(),
+                max_memory: None,
             }]
         );
         assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);
@@ -208,6 +244,11 @@ mod tests {
         assert!(parse_export("noequals").is_err());
         assert!(parse_export("a=").is_err());
         assert!(parse_export("a=1G,bogus").is_err());
+        assert_eq!(
+            parse_export("a=1G,max-memory=256M").unwrap().max_memory,
+            Some(256 << 20)
+        );
+        assert!(parse_export("a=1G,max-memory=lots").is_err());
     }
 
     #[test]
