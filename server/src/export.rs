@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
-use crate::config::ExportConfig;
+use crate::config::{ExportConfig, MemoryConfig};
 use crate::proto::consts::*;
-use crate::ramdisk::RamDisk;
+use crate::ramdisk::{MemoryBudget, MemoryOptions, RamDisk};
 
 /// One named export: a RAM region plus the attributes clients see.
 #[derive(Debug)]
@@ -18,12 +18,26 @@ pub struct Export {
 }
 
 impl Export {
-    pub fn new(config: &ExportConfig) -> io::Result<Self> {
+    /// Creates the export's RAM region under `memory`'s policy, counting its pages against
+    /// `global` (the server-wide cap, if any) and its own `max_memory`.
+    pub fn new(
+        config: &ExportConfig,
+        memory: &MemoryConfig,
+        global: Option<&Arc<MemoryBudget>>,
+    ) -> io::Result<Self> {
+        let own = config
+            .max_memory
+            .map(|limit| Arc::new(MemoryBudget::new(limit)));
+        let options = MemoryOptions {
+            budgets: own.into_iter().chain(global.cloned()).collect(),
+            mlock: memory.mlock,
+            hugepages: memory.hugepages,
+        };
         Ok(Self {
             name: config.name.clone(),
             description: config.description.clone(),
             read_only: config.read_only,
-            disk: RamDisk::new(config.size)?,
+            disk: RamDisk::with_options(config.size, &options)?,
         })
     }
 
@@ -60,14 +74,27 @@ impl Export {
 pub struct Exports {
     list: Vec<Arc<Export>>,
     by_name: HashMap<String, usize>,
+    /// The server-wide memory cap, shared by every export's disk.
+    global_budget: Option<Arc<MemoryBudget>>,
 }
 
 impl Exports {
     /// Creates every export's RAM region. Names must be unique (the config checks this).
     pub fn new(configs: &[ExportConfig]) -> io::Result<Self> {
-        let mut exports = Self::default();
+        Self::with_memory(configs, &MemoryConfig::default())
+    }
+
+    /// Like `new`, under a server-wide memory policy.
+    pub fn with_memory(configs: &[ExportConfig], memory: &MemoryConfig) -> io::Result<Self> {
+        let mut exports = Self {
+            global_budget: memory
+                .max_memory
+                .map(|limit| Arc::new(MemoryBudget::new(limit))),
+            ..Self::default()
+        };
         for config in configs {
-            let export = Export::new(config).map_err(|err| {
+            let global = exports.global_budget.as_ref();
+            let export = Export::new(config, memory, global).map_err(|err| {
                 io::Error::new(err.kind(), format!("export {:?}: {err}", config.name))
             })?;
             exports
@@ -84,5 +111,11 @@ impl Exports {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
         self.list.iter()
+    }
+
+    /// Bytes held by all exports, and the server-wide cap if there is one.
+    pub fn memory_usage(&self) -> (u64, Option<u64>) {
+        let held = self.list.iter().map(|e| e.disk.allocated_bytes()).sum();
+        (held, self.global_budget.as_ref().map(|b| b.limit_bytes()))
     }
 }

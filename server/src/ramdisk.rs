@@ -30,14 +30,20 @@
 //! mapping. Whole pages written with zeroes are not populated (and are released if they were),
 //! and TRIM / WRITE_ZEROES release the page-aligned middle of their range with `MADV_DONTNEED`,
 //! which returns the RAM to the kernel and makes the pages read back as zero.
+//!
+//! Memory policy ([`MemoryOptions`]): a [`MemoryBudget`] caps the pages an export (and, shared,
+//! all exports) may hold — a write that would need more fails with [`NoSpace`] before it changes
+//! anything; `mlock` locks pages as they fault in (`mlock2(MLOCK_ONFAULT)`), so nothing is ever
+//! swapped; `hugepages` asks for transparent huge pages. The regions are always
+//! `MADV_DONTDUMP`: a core dump of a server holding 100 GiB of disk contents helps no one.
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+use memmap2::{Advice, MmapOptions, MmapRaw, UncheckedAdvice};
 
 /// The allocation granularity the store tracks and releases: the kernel's base page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -64,6 +70,67 @@ pub struct RamDisk {
     words: usize,
     locks: Box<[ChunkLock]>,
     allocated_pages: AtomicU64,
+    /// Caps this disk's pages count against (its own, and the server-wide one).
+    budgets: Vec<Arc<MemoryBudget>>,
+    /// Pages are locked as they fault in.
+    mlocked: bool,
+}
+
+/// A write needed pages that a memory cap does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("memory cap reached")]
+pub struct NoSpace;
+
+/// A cap on the pages held by the disks that share it.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit_pages: u64,
+    used_pages: AtomicU64,
+}
+
+impl MemoryBudget {
+    pub fn new(limit_bytes: u64) -> Self {
+        Self {
+            limit_pages: limit_bytes / PAGE_SIZE,
+            used_pages: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_pages * PAGE_SIZE
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_pages.load(Ordering::Relaxed) * PAGE_SIZE
+    }
+
+    fn try_reserve(&self, pages: u64) -> bool {
+        self.used_pages
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(pages)
+                    .filter(|&total| total <= self.limit_pages)
+            })
+            .is_ok()
+    }
+
+    fn force_reserve(&self, pages: u64) {
+        self.used_pages.fetch_add(pages, Ordering::AcqRel);
+    }
+
+    fn release(&self, pages: u64) {
+        self.used_pages.fetch_sub(pages, Ordering::AcqRel);
+    }
+}
+
+/// How a disk's memory is managed.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryOptions {
+    /// Caps to count pages against; empty means unlimited.
+    pub budgets: Vec<Arc<MemoryBudget>>,
+    /// Lock pages in RAM as they are first written.
+    pub mlock: bool,
+    /// Advise transparent huge pages.
+    pub hugepages: bool,
 }
 
 /// The state of a run of pages, as `base:allocation` reports it.
@@ -76,8 +143,14 @@ pub enum Extent {
 }
 
 impl RamDisk {
-    /// Reserves (but does not populate) `size` bytes of address space.
+    /// Reserves (but does not populate) `size` bytes of address space, with no memory policy.
     pub fn new(size: u64) -> io::Result<Self> {
+        Self::with_options(size, &MemoryOptions::default())
+    }
+
+    /// Reserves `size` bytes of address space and applies the memory policy. Fails with a
+    /// message naming RLIMIT_MEMLOCK when `mlock` is asked for beyond the locked-memory limit.
+    pub fn with_options(size: u64, options: &MemoryOptions) -> io::Result<Self> {
         if size == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -87,21 +160,40 @@ impl RamDisk {
         let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "export size too large");
         let map_len = usize::try_from(size).map_err(|_| too_big())?;
         let words = usize::try_from(size.div_ceil(CHUNK_SIZE)).map_err(|_| too_big())?;
-        let data = MmapOptions::new()
-            .len(map_len)
-            .no_reserve_swap()
-            .map_anon()?;
-        let alloc_map = MmapOptions::new()
-            .len(words * size_of::<AtomicU64>())
-            .no_reserve_swap()
-            .map_anon()?;
+        let data = MmapRaw::from(
+            MmapOptions::new()
+                .len(map_len)
+                .no_reserve_swap()
+                .map_anon()?,
+        );
+        let alloc_map = MmapRaw::from(
+            MmapOptions::new()
+                .len(words * size_of::<AtomicU64>())
+                .no_reserve_swap()
+                .map_anon()?,
+        );
+        data.advise(Advice::DontDump)?;
+        alloc_map.advise(Advice::DontDump)?;
+        if options.hugepages {
+            data.advise(Advice::HugePage).map_err(|err| {
+                io::Error::new(
+                    err.kind(),
+                    format!("madvise(MADV_HUGEPAGE): {err}; is THP enabled?"),
+                )
+            })?;
+        }
+        if options.mlock {
+            lock_on_fault(&data)?;
+        }
         Ok(Self {
             size,
-            data: MmapRaw::from(data),
-            alloc_map: MmapRaw::from(alloc_map),
+            data,
+            alloc_map,
             words,
             locks: (0..LOCK_COUNT).map(|_| ChunkLock::default()).collect(),
             allocated_pages: AtomicU64::new(0),
+            budgets: options.budgets.clone(),
+            mlocked: options.mlock,
         })
     }
 
@@ -161,8 +253,15 @@ impl RamDisk {
     ///
     /// # Panics
     /// If the range is outside the export; callers validate requests first.
-    pub fn write(&self, offset: u64, data: &[u8]) {
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), NoSpace> {
         self.check_range(offset, data.len() as u64);
+        let reserved = if self.budgets.is_empty() {
+            0
+        } else {
+            self.pages_needed(offset, data)
+        };
+        self.reserve(reserved)?;
+        let mut newly = 0u64;
         let mut done = 0usize;
         for piece in Pieces::new(offset, data.len() as u64) {
             let src = &data[done..done + piece.len as usize];
@@ -198,9 +297,11 @@ impl RamDisk {
                 set |= page.bit;
             }
             self.flush_release(&mut release, word);
-            self.mark_allocated(word, set);
+            newly += self.mark_allocated(word, set);
             done += piece.len as usize;
         }
+        self.settle(reserved, newly);
+        Ok(())
     }
 
     /// Makes `[offset, offset + len)` read as zeroes. With `release`, the page-aligned middle is
@@ -209,8 +310,19 @@ impl RamDisk {
     ///
     /// # Panics
     /// If the range is outside the export; callers validate requests first.
-    pub fn zero(&self, offset: u64, len: u64, release: bool) {
+    pub fn zero(&self, offset: u64, len: u64, release: bool) -> Result<(), NoSpace> {
         self.check_range(offset, len);
+        // Only NO_HOLE zeroing allocates: every page in the range that is not yet held.
+        let reserved = if release || self.budgets.is_empty() {
+            0
+        } else {
+            Pieces::new(offset, len)
+                .flat_map(Piece::pages)
+                .filter(|page| !self.is_allocated(page.offset))
+                .count() as u64
+        };
+        self.reserve(reserved)?;
+        let mut newly = 0u64;
         for piece in Pieces::new(offset, len) {
             let _guard = self.write_lock(piece.chunk);
             let word = self.word(piece.chunk);
@@ -241,8 +353,10 @@ impl RamDisk {
                 set |= page.bit;
             }
             self.flush_release(&mut run, word);
-            self.mark_allocated(word, set);
+            newly += self.mark_allocated(word, set);
         }
+        self.settle(reserved, newly);
+        Ok(())
     }
 
     /// Walks the allocation map from `offset` for up to `len` bytes and returns runs of equal
@@ -317,13 +431,98 @@ impl RamDisk {
         unsafe { &*self.alloc_map.as_ptr().cast::<AtomicU64>().add(index) }
     }
 
-    fn mark_allocated(&self, word: &AtomicU64, bits: u64) {
-        if bits != 0 {
-            let before = word.fetch_or(bits, Ordering::Release);
-            let new = (bits & !before).count_ones();
-            self.allocated_pages
-                .fetch_add(u64::from(new), Ordering::Relaxed);
+    /// Sets allocation bits; returns how many pages became newly allocated.
+    fn mark_allocated(&self, word: &AtomicU64, bits: u64) -> u64 {
+        if bits == 0 {
+            return 0;
         }
+        let before = word.fetch_or(bits, Ordering::Release);
+        let new = u64::from((bits & !before).count_ones());
+        self.allocated_pages.fetch_add(new, Ordering::Relaxed);
+        new
+    }
+
+    fn is_allocated(&self, page_offset: u64) -> bool {
+        let bit = 1u64 << ((page_offset % CHUNK_SIZE) / PAGE_SIZE);
+        self.word(page_offset / CHUNK_SIZE).load(Ordering::Acquire) & bit != 0
+    }
+
+    /// Pages a write would newly populate: those holding non-zero data that are not allocated
+    /// yet. Read without locks, so concurrent requests can make it inexact; `settle` squares
+    /// the budgets with what really happened.
+    fn pages_needed(&self, offset: u64, data: &[u8]) -> u64 {
+        let mut needed = 0;
+        for page in Pieces::new(offset, data.len() as u64).flat_map(Piece::pages) {
+            let at = (page.offset - offset) as usize;
+            if !self.is_allocated(page.offset) && !is_zero(&data[at..at + page.len as usize]) {
+                needed += 1;
+            }
+        }
+        needed
+    }
+
+    /// Takes `pages` from every budget, or from none.
+    fn reserve(&self, pages: u64) -> Result<(), NoSpace> {
+        if pages == 0 {
+            return Ok(());
+        }
+        for (i, budget) in self.budgets.iter().enumerate() {
+            if !budget.try_reserve(pages) {
+                self.budgets[..i].iter().for_each(|b| b.release(pages));
+                return Err(NoSpace);
+            }
+        }
+        Ok(())
+    }
+
+    /// After an operation that reserved `reserved` pages allocated `allocated`: return the
+    /// surplus, or account pages a concurrent trim freed between the estimate and the write
+    /// (a transient overshoot of at most that race, rather than failing a write half-done).
+    fn settle(&self, reserved: u64, allocated: u64) {
+        for budget in &self.budgets {
+            if allocated < reserved {
+                budget.release(reserved - allocated);
+            } else if allocated > reserved {
+                budget.force_reserve(allocated - reserved);
+            }
+        }
+    }
+
+    /// `madvise(MADV_DONTNEED)` on a page-aligned range; the caller holds its chunk's write
+    /// lock. Locked (`mlock`) pages refuse DONTNEED, so they are unlocked for the call and the
+    /// range is locked again on-fault, which re-merges the mapping into one VMA.
+    fn discard_pages(&self, start: u64, len: u64) -> io::Result<()> {
+        let ptr = self
+            .data
+            .as_ptr()
+            .wrapping_add(start as usize)
+            .cast::<libc::c_void>();
+        if self.mlocked {
+            // SAFETY: a page-aligned range of our live mapping; munlock only changes its
+            // locking attribute.
+            if unsafe { libc::munlock(ptr, len as usize) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: the range is page-aligned and inside the mapping, and the caller holds the
+        // write lock of its chunk, so no reader or writer is copying these bytes and no
+        // reference into them exists (this module never keeps one). For a private anonymous
+        // mapping, DONTNEED drops the pages and later reads see zero-fill-on-demand pages,
+        // which is the result we want.
+        let result = unsafe {
+            self.data.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                start as usize,
+                len as usize,
+            )
+        };
+        if self.mlocked {
+            // SAFETY: as for munlock above; MLOCK_ONFAULT populates nothing.
+            if unsafe { libc::mlock2(ptr, len as usize, libc::MLOCK_ONFAULT) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        result
     }
 
     /// Gives a run of whole pages back to the kernel and clears their bits. The caller holds
@@ -332,20 +531,10 @@ impl RamDisk {
         let Some((start, len)) = run.take() else {
             return;
         };
-        // SAFETY: the run is page-aligned and inside the mapping, and we hold the write lock of
-        // its chunk, so no reader or writer is copying these bytes and no reference into them
-        // exists (this module never keeps one). For a private anonymous mapping, DONTNEED drops
-        // the pages and later reads see zero-fill-on-demand pages, which is the result we want.
-        let result = unsafe {
-            self.data.unchecked_advise_range(
-                UncheckedAdvice::DontNeed,
-                start as usize,
-                len as usize,
-            )
-        };
+        let result = self.discard_pages(start, len);
         if let Err(err) = result {
-            // Cannot fail for a valid range of our own mapping; if it ever does, the data must
-            // still read back as zero, so fall back to writing zeroes and keep the pages.
+            // Not expected for a valid range of our own mapping; if it ever happens, the data
+            // must still read back as zero, so fall back to writing zeroes and keep the pages.
             tracing::warn!(%err, "madvise(DONTNEED) failed, zero-filling instead");
             // SAFETY: same range and lock as above.
             unsafe {
@@ -361,9 +550,95 @@ impl RamDisk {
             ((1u64 << count) - 1) << first
         };
         let before = word.fetch_and(!bits, Ordering::Release);
-        let freed = (before & bits).count_ones();
-        self.allocated_pages
-            .fetch_sub(u64::from(freed), Ordering::Relaxed);
+        let freed = u64::from((before & bits).count_ones());
+        self.allocated_pages.fetch_sub(freed, Ordering::Relaxed);
+        self.budgets.iter().for_each(|budget| budget.release(freed));
+    }
+
+    /// Bytes of the data region the kernel really holds in RAM (`mincore`), looked up only
+    /// around pages the allocation map knows of, in 2 MiB windows so that transparent huge
+    /// pages are counted whole. Costs in proportion to the data held, not the export size.
+    pub fn resident_bytes(&self) -> u64 {
+        const WINDOW: u64 = 2 << 20;
+        let words_per_window = (WINDOW / CHUNK_SIZE) as usize;
+        let mut pages = vec![0u8; (WINDOW / PAGE_SIZE) as usize];
+        let mut resident = 0u64;
+        for first_word in (0..self.words).step_by(words_per_window) {
+            let last_word = (first_word + words_per_window).min(self.words);
+            if (first_word..last_word).all(|w| self.word(w as u64).load(Ordering::Relaxed) == 0) {
+                continue;
+            }
+            let start = first_word as u64 * CHUNK_SIZE;
+            let len = WINDOW.min(self.size - start);
+            let count = len.div_ceil(PAGE_SIZE) as usize;
+            // SAFETY: `start` is page-aligned and `[start, start + len)` lies inside our live
+            // mapping; `pages` has room for one status byte per page of that range. mincore
+            // only reads page tables: it touches no data another thread may be writing.
+            let rc = unsafe {
+                libc::mincore(
+                    self.data
+                        .as_ptr()
+                        .wrapping_add(start as usize)
+                        .cast_mut()
+                        .cast(),
+                    len as usize,
+                    pages.as_mut_ptr(),
+                )
+            };
+            if rc == 0 {
+                resident += pages[..count].iter().filter(|&&p| p & 1 != 0).count() as u64;
+            }
+        }
+        resident * PAGE_SIZE
+    }
+}
+
+/// Locks the mapping's pages as they fault in, so written data is never swapped out.
+fn lock_on_fault(data: &MmapRaw) -> io::Result<()> {
+    // SAFETY: the pointer and length describe exactly one live mapping we own. mlock2 changes
+    // only the mapping's locking attribute; no memory is read or written.
+    let rc = unsafe { libc::mlock2(data.as_ptr().cast(), data.len(), libc::MLOCK_ONFAULT) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    let limit = match unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } {
+        0 if limit.rlim_cur == libc::RLIM_INFINITY => "unlimited".to_owned(),
+        0 => format!("{} bytes", limit.rlim_cur),
+        _ => "unknown".to_owned(),
+    };
+    Err(io::Error::new(
+        err.kind(),
+        format!(
+            "mlock of {} bytes failed ({err}): RLIMIT_MEMLOCK is {limit}; raise it to at least \
+             the export size (systemd: LimitMEMLOCK=infinity; shell: ulimit -l unlimited), or \
+             grant CAP_IPC_LOCK, or drop --mlock",
+            data.len()
+        ),
+    ))
+}
+
+/// From `<linux/prctl.h>` (Linux 5.6); the libc crate does not export it.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// Marks this process as an I/O flusher (`PR_SET_IO_FLUSHER`): its memory allocations never
+/// wait on I/O, and it is not throttled by dirty-page writeback. Why: when the kernel's NBD
+/// client for this server runs on the same host, reclaim may need to write dirty pages *to our
+/// device*; if serving that write needed reclaim that waits on our device's writeback, the
+/// two would wait on each other forever. Threads created afterwards inherit the flag, so call
+/// this before starting the runtime. Needs CAP_SYS_RESOURCE.
+pub fn set_io_flusher() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_IO_FLUSHER takes integer arguments only and touches no memory.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -488,7 +763,7 @@ mod tests {
             .map(|i| (i % 251) as u8 + 1)
             .collect();
         let at = CHUNK_SIZE - 777;
-        disk.write(at, &data);
+        disk.write(at, &data).unwrap();
         assert_eq!(read(&disk, at, data.len()), data);
         assert_eq!(read(&disk, at - 10, 10), vec![0; 10]);
         // Pages touched: from the page holding `at` to the one holding the last byte.
@@ -502,7 +777,7 @@ mod tests {
         let disk = RamDisk::new(CHUNK_SIZE).unwrap();
         let mut data = vec![0u8; 4 * PAGE_SIZE as usize];
         data[PAGE_SIZE as usize + 5] = 7; // only page 1 holds data
-        disk.write(0, &data);
+        disk.write(0, &data).unwrap();
         assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
         assert_eq!(read(&disk, 0, data.len()), data);
         assert_eq!(
@@ -523,9 +798,9 @@ mod tests {
     fn zero_with_release_frees_whole_pages_and_zeroes_edges() {
         let disk = RamDisk::new(3 * CHUNK_SIZE).unwrap();
         let data = vec![0xabu8; (2 * CHUNK_SIZE) as usize];
-        disk.write(0, &data);
+        disk.write(0, &data).unwrap();
         assert_eq!(disk.allocated_bytes(), 2 * CHUNK_SIZE);
-        disk.zero(100, 2 * CHUNK_SIZE - 200, true);
+        disk.zero(100, 2 * CHUNK_SIZE - 200, true).unwrap();
         let back = read(&disk, 0, data.len());
         assert!(back[..100].iter().all(|&b| b == 0xab));
         assert!(back[100..back.len() - 100].iter().all(|&b| b == 0));
@@ -537,7 +812,7 @@ mod tests {
     #[test]
     fn zero_without_release_keeps_pages_allocated() {
         let disk = RamDisk::new(CHUNK_SIZE).unwrap();
-        disk.zero(0, 2 * PAGE_SIZE, false);
+        disk.zero(0, 2 * PAGE_SIZE, false).unwrap();
         assert_eq!(disk.allocated_bytes(), 2 * PAGE_SIZE);
         assert_eq!(
             disk.extents(0, 2 * PAGE_SIZE, 4),
@@ -554,7 +829,7 @@ mod tests {
     fn extents_respect_the_limit_and_range() {
         let disk = RamDisk::new(CHUNK_SIZE).unwrap();
         for page in (0..64).step_by(2) {
-            disk.write(page * PAGE_SIZE, &[1]);
+            disk.write(page * PAGE_SIZE, &[1]).unwrap();
         }
         let all = disk.extents(0, CHUNK_SIZE, usize::MAX);
         assert_eq!(all.len(), 64);
@@ -566,13 +841,23 @@ mod tests {
     fn huge_sparse_disk_costs_nothing() {
         let disk = RamDisk::new(1 << 40).unwrap();
         disk.write((1 << 40) - 4096, &[9; 4096]);
-        disk.zero(0, (1 << 40) - 4096, true);
+        disk.zero(0, (1 << 40) - 4096, true).unwrap();
         assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
         let extents = disk.extents(0, 1 << 40, 16);
         assert_eq!(
             extents,
             vec![((1 << 40) - 4096, Extent::Hole), (4096, Extent::Data)]
         );
+    }
+
+    #[test]
+    fn resident_bytes_follow_writes_and_trims() {
+        let disk = RamDisk::new(64 << 20).unwrap();
+        assert_eq!(disk.resident_bytes(), 0);
+        disk.write(5 << 20, &[3; 3 * PAGE_SIZE as usize]);
+        assert_eq!(disk.resident_bytes(), 3 * PAGE_SIZE);
+        disk.zero(5 << 20, PAGE_SIZE, true).unwrap();
+        assert_eq!(disk.resident_bytes(), 2 * PAGE_SIZE);
     }
 
     #[test]
@@ -584,5 +869,59 @@ mod tests {
             assert!(!is_zero(&buf), "missed byte {at}");
             buf[at] = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    fn capped(size: u64, cap: u64) -> (RamDisk, Arc<MemoryBudget>) {
+        let budget = Arc::new(MemoryBudget::new(cap));
+        let options = MemoryOptions {
+            budgets: vec![Arc::clone(&budget)],
+            ..Default::default()
+        };
+        (RamDisk::with_options(size, &options).unwrap(), budget)
+    }
+
+    #[test]
+    fn writes_fail_at_the_cap_and_trim_makes_room() {
+        let (disk, budget) = capped(4 * CHUNK_SIZE, 8 * PAGE_SIZE);
+        disk.write(0, &[7; 8 * PAGE_SIZE as usize]).unwrap();
+        assert_eq!(budget.used_bytes(), 8 * PAGE_SIZE);
+        // Over the cap: refused, and nothing was written.
+        assert_eq!(disk.write(CHUNK_SIZE, &[1; 10]), Err(NoSpace));
+        let mut back = Vec::new();
+        disk.read_into(CHUNK_SIZE, 10, &mut back);
+        assert_eq!(back, vec![0; 10]);
+        // Overwriting held pages and writing zeroes need no room.
+        disk.write(0, &[9; 100]).unwrap();
+        disk.write(CHUNK_SIZE, &[0; PAGE_SIZE as usize]).unwrap();
+        // Trim two pages: two pages of room.
+        disk.zero(0, 2 * PAGE_SIZE, true).unwrap();
+        assert_eq!(budget.used_bytes(), 6 * PAGE_SIZE);
+        disk.write(CHUNK_SIZE, &[1; 2 * PAGE_SIZE as usize])
+            .unwrap();
+        assert_eq!(disk.write(2 * CHUNK_SIZE, &[1]), Err(NoSpace));
+        // NO_HOLE zeroing allocates, so it is capped too.
+        assert_eq!(disk.zero(3 * CHUNK_SIZE, PAGE_SIZE, false), Err(NoSpace));
+    }
+
+    #[test]
+    fn a_shared_budget_caps_several_disks() {
+        let budget = Arc::new(MemoryBudget::new(4 * PAGE_SIZE));
+        let options = MemoryOptions {
+            budgets: vec![Arc::clone(&budget)],
+            ..Default::default()
+        };
+        let a = RamDisk::with_options(CHUNK_SIZE, &options).unwrap();
+        let b = RamDisk::with_options(CHUNK_SIZE, &options).unwrap();
+        a.write(0, &[1; 3 * PAGE_SIZE as usize]).unwrap();
+        assert_eq!(b.write(0, &[1; 2 * PAGE_SIZE as usize]), Err(NoSpace));
+        b.write(0, &[1; PAGE_SIZE as usize]).unwrap();
+        a.zero(0, CHUNK_SIZE, true).unwrap();
+        b.write(PAGE_SIZE, &[1; 3 * PAGE_SIZE as usize]).unwrap();
+        assert_eq!(budget.used_bytes(), 4 * PAGE_SIZE);
     }
 }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages the test suite needs. Idempotent and quick when everything is
+# already there (one dpkg query); needs root (or sudo) only when something is missing.
+#
+#   nbd-client              the kernel's NBD client (used inside the test VM)
+#   libnbd-bin              nbdinfo, nbdcopy, nbdsh, nbdfuse
+#   python3-libnbd          libnbd's Python binding, for /usr/bin/python3
+#   qemu-utils              qemu-io, qemu-img
+#   qemu-system-x86         TCG VMs for the kernel and systemd tests
+#   busybox-static          the VM's initramfs userland
+#   fio                     fio's nbd engine (verify runs and benchmarks)
+#   fuse3                   nbdfuse's FUSE mounts on the host
+#   e2fsprogs xfsprogs btrfs-progs   the filesystems under test
+#   socat                   the per-connection relay behind qemu's guestfwd
+#   nbdkit                  the comparison server in benchmarks
+#   debootstrap             the systemd test VM's root filesystem
+#   cpio xz-utils zstd      building initramfs images and unpacking kernel packages
+#   procps util-linux       pgrep/ps, losetup/blkdiscard/mount
+set -euo pipefail
+
+packages=(nbd-client libnbd-bin python3-libnbd qemu-utils qemu-system-x86 busybox-static fio
+          fuse3 e2fsprogs xfsprogs btrfs-progs socat nbdkit debootstrap cpio xz-utils zstd
+          procps util-linux)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+    [[ "$status" == installed ]] || missing+=("$pkg")
+done
+# qemu-system-x86 needs the qemu-utils of its own release; a newer qemu-utils from elsewhere
+# (some images carry a backport) blocks its installation, so both come from bookworm together.
+if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]]; then
+    others=()
+    for pkg in "${missing[@]}"; do
+        [[ $pkg == qemu-utils || $pkg == qemu-system-x86 ]] || others+=("$pkg")
+    done
+    missing=("${others[@]}" qemu-utils/bookworm qemu-system-x86/bookworm)
+fi
+if ((${#missing[@]} == 0)); then
+    exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}"
+sudo=()
+((EUID == 0)) || sudo=(sudo)
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}" >/dev/null
