@@ -789,7 +789,7 @@ mod tests {
             ]
         );
         // Overwriting the data page with zeroes releases it.
-        disk.write(PAGE_SIZE, &vec![0; PAGE_SIZE as usize]);
+        disk.write(PAGE_SIZE, &vec![0; PAGE_SIZE as usize]).unwrap();
         assert_eq!(disk.allocated_bytes(), 0);
         assert!(read(&disk, 0, data.len()).iter().all(|&b| b == 0));
     }
@@ -840,7 +840,7 @@ mod tests {
     #[test]
     fn huge_sparse_disk_costs_nothing() {
         let disk = RamDisk::new(1 << 40).unwrap();
-        disk.write((1 << 40) - 4096, &[9; 4096]);
+        disk.write((1 << 40) - 4096, &[9; 4096]).unwrap();
         disk.zero(0, (1 << 40) - 4096, true).unwrap();
         assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
         let extents = disk.extents(0, 1 << 40, 16);
@@ -854,7 +854,7 @@ mod tests {
     fn resident_bytes_follow_writes_and_trims() {
         let disk = RamDisk::new(64 << 20).unwrap();
         assert_eq!(disk.resident_bytes(), 0);
-        disk.write(5 << 20, &[3; 3 * PAGE_SIZE as usize]);
+        disk.write(5 << 20, &[3; 3 * PAGE_SIZE as usize]).unwrap();
         assert_eq!(disk.resident_bytes(), 3 * PAGE_SIZE);
         disk.zero(5 << 20, PAGE_SIZE, true).unwrap();
         assert_eq!(disk.resident_bytes(), 2 * PAGE_SIZE);
