@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README's second set-up command and CI run it:
+#   lint -> build -> Rust unit and integration tests (raw client, nbd crate, libnbd, qemu, fio)
+#   -> filesystems over nbdfuse + loop -> the kernel's nbd-client in a VM -> systemd in a VM.
+# Installs missing Debian packages first. A missing prerequisite is a failure, never a skip.
+# The last line is the total: "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+passed=0
+failed=0
+failed_steps=()
+
+# Runs one step, echoing its output, and adds its own "N passed, N failed" (or cargo's
+# "test result:" lines) to the totals; a step that exits non-zero without counting a failure
+# still counts as one.
+step() {
+    local name=$1
+    shift
+    echo
+    echo "=== $name: $*"
+    local log start rc
+    log=$(mktemp)
+    start=$SECONDS
+    "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    local p f
+    read -r p f < <(awk '
+        /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+        /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
+        END { print p + 0, f + 0 }' "$log")
+    rm -f "$log"
+    if ((rc != 0 && f == 0)); then
+        f=1
+    fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    ((rc == 0)) || failed_steps+=("$name")
+    echo "=== $name: exit $rc, $p passed, $f failed, $((SECONDS - start))s"
+}
+
+client-tests/install-deps.sh || { echo "installing dependencies failed"; echo "0 passed, 1 failed"; exit 1; }
+
+step fmt cargo fmt --all -- --check
+step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+step build cargo build --release --locked -p ramnbd
+# The integration tests and the scripts all drive this one optimised binary.
+export RAMNBD_BIN=$repo/target/release/ramnbd
+step cargo-test cargo test --workspace --locked
+step fuse client-tests/fuse/run.sh
+step kernel-vm client-tests/kernel/run.sh
+step systemd-vm client-tests/systemd-vm/run.sh
+
+echo
+if ((${#failed_steps[@]})); then
+    echo "failed steps: ${failed_steps[*]}"
+fi
+echo "$passed passed, $failed failed"
+((failed == 0))
