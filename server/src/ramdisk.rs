@@ -642,6 +642,17 @@ pub fn set_io_flusher() -> io::Result<()> {
     }
 }
 
+/// Makes the C allocator serve buffers of 128 KiB and more from their own mappings, which go
+/// back to the kernel when freed. A connection's receive and send buffers are the server's only
+/// large heap allocations; with glibc's default adaptive threshold they end up in per-thread
+/// arenas that keep the memory after the connection closes, so an idle RAM disk would hold
+/// megabytes it does not use. Call before other threads start.
+pub fn return_large_buffers_to_kernel() {
+    // SAFETY: mallopt only changes allocator tuning and is called before any other thread
+    // exists, so no allocation races with it.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+}
+
 /// Fast all-zero test: OR-folding fixed blocks vectorises well, and random data exits at the
 /// first block.
 pub fn is_zero(bytes: &[u8]) -> bool {
