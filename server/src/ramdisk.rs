@@ -368,7 +368,7 @@ impl RamDisk {
         let end = offset + len;
         let mut out: Vec<(u64, Extent)> = Vec::new();
         let mut pos = offset;
-        while pos < end && (out.len() < max_extents || out.is_empty()) {
+        while pos < end {
             let chunk = pos / CHUNK_SIZE;
             let word = self.word(chunk).load(Ordering::Acquire);
             // Whole word in one state: jump over the rest of the chunk at once.
@@ -846,6 +846,15 @@ mod tests {
         assert_eq!(all.len(), 64);
         assert_eq!(disk.extents(0, CHUNK_SIZE, 3).len(), 3);
         assert_eq!(disk.extents(10, 100, 8), vec![(100, Extent::Data)]);
+    }
+
+    #[test]
+    fn a_one_extent_limit_still_covers_the_whole_first_run() {
+        let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
+        disk.write(0, &[1; 3 * PAGE_SIZE as usize]).unwrap();
+        assert_eq!(disk.extents(0, disk.size(), 1), vec![(3 * PAGE_SIZE, Extent::Data)]);
+        let rest = disk.size() - 3 * PAGE_SIZE;
+        assert_eq!(disk.extents(3 * PAGE_SIZE, rest, 1), vec![(rest, Extent::Hole)]);
     }
 
     #[test]
