@@ -294,6 +294,10 @@ impl RamDisk {
                         page.len as usize,
                     );
                 }
+                // Zeroes over the last data of a held page leave nothing worth keeping.
+                if allocated && is_zero(page_src) && self.release_if_zero(page.offset, word) {
+                    continue;
+                }
                 set |= page.bit;
             }
             self.flush_release(&mut release, word);
@@ -349,6 +353,11 @@ impl RamDisk {
                         0,
                         page.len as usize,
                     );
+                }
+                // A page whose data two unaligned TRIMs zeroed between them (the kernel splits
+                // big discards at 4 GiB - 512) is all zero now: give it back too.
+                if release && self.release_if_zero(page.offset, word) {
+                    continue;
                 }
                 set |= page.bit;
             }
@@ -523,6 +532,26 @@ impl RamDisk {
             }
         }
         result
+    }
+
+    /// Releases the page holding `offset` if it now reads all zero. The caller holds the write
+    /// lock of its chunk. Returns whether it did.
+    fn release_if_zero(&self, offset: u64, word: &AtomicU64) -> bool {
+        let start = offset / PAGE_SIZE * PAGE_SIZE;
+        // SAFETY: the whole page lies inside the mapping (mappings are page-granular, so even
+        // the last, partial page of an odd-sized export is mapped), and we hold the write lock
+        // of its chunk: nothing else reads or writes these bytes while the slice lives, and it
+        // does not outlive this statement.
+        let page = unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr().add(start as usize), PAGE_SIZE as usize)
+        };
+        if !is_zero(page) {
+            return false;
+        }
+        let mut run = PageRun::default();
+        run.add(start);
+        self.flush_release(&mut run, word);
+        true
     }
 
     /// Gives a run of whole pages back to the kernel and clears their bits. The caller holds
@@ -821,6 +850,26 @@ mod tests {
     }
 
     #[test]
+    fn unaligned_trims_that_zero_a_page_between_them_release_it() {
+        let disk = RamDisk::new(2 * CHUNK_SIZE).unwrap();
+        disk.write(PAGE_SIZE, &[5; PAGE_SIZE as usize]).unwrap();
+        disk.zero(0, PAGE_SIZE + 512, true).unwrap();
+        assert_eq!(
+            disk.allocated_bytes(),
+            PAGE_SIZE,
+            "half the page still holds data"
+        );
+        disk.zero(PAGE_SIZE + 512, CHUNK_SIZE, true).unwrap();
+        assert_eq!(disk.allocated_bytes(), 0);
+        // The same through writes of zeroes.
+        disk.write(PAGE_SIZE, &[5; PAGE_SIZE as usize]).unwrap();
+        disk.write(PAGE_SIZE, &[0; 100]).unwrap();
+        disk.write(PAGE_SIZE + 100, &[0; PAGE_SIZE as usize - 100])
+            .unwrap();
+        assert_eq!(disk.allocated_bytes(), 0);
+    }
+
+    #[test]
     fn zero_without_release_keeps_pages_allocated() {
         let disk = RamDisk::new(CHUNK_SIZE).unwrap();
         disk.zero(0, 2 * PAGE_SIZE, false).unwrap();
@@ -852,9 +901,15 @@ mod tests {
     fn a_one_extent_limit_still_covers_the_whole_first_run() {
         let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
         disk.write(0, &[1; 3 * PAGE_SIZE as usize]).unwrap();
-        assert_eq!(disk.extents(0, disk.size(), 1), vec![(3 * PAGE_SIZE, Extent::Data)]);
+        assert_eq!(
+            disk.extents(0, disk.size(), 1),
+            vec![(3 * PAGE_SIZE, Extent::Data)]
+        );
         let rest = disk.size() - 3 * PAGE_SIZE;
-        assert_eq!(disk.extents(3 * PAGE_SIZE, rest, 1), vec![(rest, Extent::Hole)]);
+        assert_eq!(
+            disk.extents(3 * PAGE_SIZE, rest, 1),
+            vec![(rest, Extent::Hole)]
+        );
     }
 
     #[test]
