@@ -22,10 +22,39 @@ EXAMPLES:
   nbd-client 127.0.0.1 10809 /dev/nbd0 -N scratch    attach as a kernel block device
   nbdinfo nbd://127.0.0.1:10809                       show what the server offers
 
+  ramnbd -c /etc/ramnbd/ramnbd.toml --metrics 127.0.0.1:9109
+  ramnbd --check-config /etc/ramnbd/ramnbd.toml    validate a config file
+
 Sizes take binary units: 512M = 512 MiB, 4G = 4 GiB, 1T = 1 TiB.
-Logging: --log-level, else RUST_LOG (e.g. RUST_LOG=ramnbd=debug), else info."
+Logging: --log-level, else RUST_LOG (e.g. RUST_LOG=ramnbd=debug), else info.
+Config file: --config, else /etc/ramnbd/ramnbd.toml if it exists; flags override it.
+Under systemd socket activation (LISTEN_FDS), the inherited sockets are served and
+nothing is bound; readiness and status go to NOTIFY_SOCKET (Type=notify)."
 )]
 pub struct Cli {
+    /// Read settings from this TOML file. Without it, /etc/ramnbd/ramnbd.toml is read if it
+    /// exists. Flags given here override the file.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Do not read /etc/ramnbd/ramnbd.toml.
+    #[arg(long, conflicts_with = "config")]
+    pub no_config: bool,
+
+    /// Validate the configuration and exit: 0 if it is valid, 1 if not. Checks FILE, else
+    /// --config, else the default file, with any other flags applied on top.
+    #[arg(short = 't', long, value_name = "FILE", num_args = 0..=1)]
+    pub check_config: Option<Option<PathBuf>>,
+
+    /// Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (off by default).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+
+    /// How long a stopping server (SIGTERM, SIGINT) lets connections finish requests already
+    /// sent before it closes them (e.g. 10s, 500ms; default 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+
     /// Size of the default export (binary units: 4G = 4 GiB).
     #[arg(short, long, value_name = "SIZE", conflicts_with = "exports")]
     pub size: Option<String>,

@@ -2,7 +2,8 @@
 //!
 //! Module map:
 //! * [`cli`] — the command-line contract (clap).
-//! * [`config`] — validated configuration built from the command line.
+//! * [`config`] — validated configuration: the TOML file ([`config::file`]) with the command
+//!   line on top.
 //! * [`export`] — named exports and the transmission flags they advertise.
 //! * [`ramdisk`] — the RAM store: anonymous mapping, chunk locks, allocation map. The only
 //!   module with `unsafe` code.
@@ -10,11 +11,17 @@
 //!   request decoding and reply encoding.
 //! * [`session`] — one connection: handshake, then pipelined transmission.
 //! * [`server`] — listeners, accept loop, connection cap and graceful shutdown.
+//! * [`shutdown`] — the phases of a graceful stop, shared by listeners and sessions.
+//! * [`systemd`] — socket activation (`LISTEN_FDS`) and readiness notification (`sd_notify`).
+//! * [`metrics`] — request and connection counters, served in the Prometheus text format.
 
 pub mod cli;
 pub mod config;
 pub mod export;
+pub mod metrics;
 pub mod proto;
 pub mod ramdisk;
 pub mod server;
 pub mod session;
+pub mod shutdown;
+pub mod systemd;

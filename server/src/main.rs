@@ -1,27 +1,102 @@
-//! The `ramnbd` binary: parse the command line, set up logging, bind, serve until SIGINT or
+//! The `ramnbd` binary: parse the command line, load the configuration, set up logging, take
+//! over socket-activated sockets or bind, tell systemd it is ready, serve until SIGINT or
 //! SIGTERM, and exit 0 once in-flight requests are finished.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use ramnbd::cli::Cli;
-use ramnbd::config::Config;
+use ramnbd::config::{Config, ListenAddr, format_size};
 use ramnbd::export::Exports;
+use ramnbd::metrics::{self, Metrics};
 use ramnbd::server::{self, ServeOptions};
+use ramnbd::shutdown::Shutdown;
+use ramnbd::systemd::{self, Inherited};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
-    let config = Config::try_from(Cli::parse())?;
+fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    if let Some(file) = cli.check_config.clone() {
+        return Ok(check_config(cli, file));
+    }
+    let listen_flags = !cli.listen.is_empty() || !cli.unix.is_empty();
+    let config = match Config::load(cli) {
+        Ok(config) => config,
+        Err(err) => {
+            // The message already says where and how to fix it; no backtrace wanted.
+            eprintln!("ramnbd: invalid configuration: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     init_logging(config.log_level.as_deref())?;
+    ramnbd::ramdisk::return_large_buffers_to_kernel();
+    // Threads inherit the flag, so this comes before the runtime starts them.
+    if let Err(err) = ramnbd::ramdisk::set_io_flusher() {
+        tracing::info!(
+            cause = %err,
+            "not an I/O flusher (PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE); this only matters \
+             when the kernel NBD client runs on this host"
+        );
+    }
+    // Before any thread exists: listenfd removes LISTEN_FDS/LISTEN_PID from the environment.
+    let inherited = systemd::take_activation()?;
+    if inherited.is_some() && listen_flags {
+        anyhow::bail!(
+            "--listen and --unix cannot be used under socket activation (LISTEN_FDS is set): \
+             the sockets passed by the service manager are served; drop the flags or the \
+             .socket unit"
+        );
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ramnbd")
         .build()
         .context("starting the async runtime")?
-        .block_on(run(config))
+        .block_on(run(config, inherited))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--check-config [FILE]`: loads and validates, prints a summary (stdout) or the error
+/// (stderr). Exit status 0 or 1. Binds and allocates nothing.
+fn check_config(mut cli: Cli, file: Option<PathBuf>) -> ExitCode {
+    if let Some(file) = file {
+        cli.config = Some(file);
+        cli.no_config = false;
+    }
+    let source = Config::file_for(&cli);
+    let shown = source.as_ref().map_or_else(
+        || "built-in defaults (no config file)".to_owned(),
+        |path| path.display().to_string(),
+    );
+    match Config::load(cli) {
+        Ok(config) => {
+            let listen: Vec<String> = config
+                .listen
+                .iter()
+                .map(|l| match l {
+                    ListenAddr::Tcp(addr) => format!("tcp {addr}"),
+                    ListenAddr::Unix(path) => format!("unix {}", path.display()),
+                })
+                .collect();
+            println!(
+                "{shown}: OK\n  exports: {}\n  listen: {}\n  metrics: {}\n  shutdown grace: {:?}",
+                config.describe_exports(),
+                listen.join(", "),
+                config.metrics.as_deref().unwrap_or("off"),
+                config.shutdown_grace,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("ramnbd: invalid configuration: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `--log-level` wins, then `RUST_LOG`, then `info`.
@@ -32,17 +107,54 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Under systemd, stderr goes to the journal, which has its own timestamps.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
     Ok(())
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let exports = Arc::new(Exports::new(&config.exports).context("creating exports")?);
-    let listeners = server::bind(&config.listen).await?;
+/// One log line with what the exports hold and the cap, so RAM use is visible without metrics.
+fn log_memory(exports: &Exports, what: &str) {
+    let (held, cap) = exports.memory_usage();
+    match cap {
+        Some(cap) => tracing::info!(held_bytes = held, max_memory = cap, "{what}"),
+        None => tracing::info!(held_bytes = held, max_memory = "unlimited", "{what}"),
+    }
+}
+
+async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Result<()> {
+    if let Some(path) = &config.source {
+        tracing::info!(config = %path.display(), "configuration loaded");
+    }
+    let exports = Arc::new(
+        Exports::with_memory(&config.exports, &config.memory).context("creating exports")?,
+    );
+    log_memory(&exports, "memory at start");
+    let listeners = match inherited {
+        Some(sockets) => {
+            tracing::info!(
+                sockets = sockets.len(),
+                "socket activation: serving the inherited sockets (configured listeners unused)"
+            );
+            server::inherited(sockets).context("socket activation")?
+        }
+        None => server::bind(&config.listen).await?,
+    };
+    let metrics = config
+        .metrics
+        .as_ref()
+        .map(|_| Metrics::new(Arc::clone(&exports)));
+    let metrics_listener = match &config.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     for export in exports.iter() {
         tracing::info!(
             name = %export.name,
@@ -51,11 +163,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
             "export ready"
         );
     }
+    // Metrics first: scripts take the "listening on" lines to mean that everything is up.
+    let metrics_done = CancellationToken::new();
+    if let (Some(listener), Some(metrics)) = (metrics_listener, &metrics) {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(metrics::serve(
+            listener,
+            Arc::clone(metrics),
+            metrics_done.clone(),
+        ));
+    }
     for listener in &listeners {
         tracing::info!("listening on {}", listener.describe());
     }
 
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new(CancellationToken::new());
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let on_signal = shutdown.clone();
@@ -64,14 +188,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => tracing::info!("SIGTERM received"),
             _ = sigint.recv() => tracing::info!("SIGINT received"),
         }
-        on_signal.cancel();
+        systemd::stopping("stopping: finishing requests in flight");
+        on_signal.stop();
+        // A second signal skips the rest of the grace period.
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        tracing::info!("second signal: closing connections now");
+        on_signal.close();
     });
+
+    // Every listener is up: tell systemd (Type=notify) and say what is served.
+    let served: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
+    systemd::ready(&format!(
+        "serving {} export{} ({}) on {}",
+        exports.iter().count(),
+        if exports.iter().count() == 1 { "" } else { "s" },
+        exports
+            .iter()
+            .map(|e| format!("{:?} {}", e.name, format_size(e.size())))
+            .collect::<Vec<_>>()
+            .join(", "),
+        served.join(", ")
+    ));
+    systemd::spawn_watchdog();
 
     let options = ServeOptions {
         max_connections: config.max_connections,
         shutdown_grace: config.shutdown_grace,
+        metrics,
     };
-    server::serve(listeners, exports, options, shutdown).await;
+    server::serve(listeners, Arc::clone(&exports), options, shutdown).await;
+    metrics_done.cancel();
+    log_memory(&exports, "memory at stop");
     tracing::info!("stopped");
     Ok(())
 }

@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::ListenAddr;
 use crate::export::Exports;
+use crate::metrics::Metrics;
 use crate::session;
+use crate::shutdown::{self, Shutdown};
+use crate::systemd::{Inherited, InheritedSocket};
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -23,6 +25,9 @@ pub enum Listener {
     Tcp(TcpListener),
     /// The path is removed again when the server stops.
     Unix(UnixListener, PathBuf),
+    /// Inherited from the service manager (socket activation): the socket and its path belong
+    /// to the `.socket` unit, so the path is left in place.
+    UnixInherited(UnixListener, PathBuf),
 }
 
 impl Listener {
@@ -33,9 +38,34 @@ impl Listener {
                 Ok(addr) => format!("tcp {addr}"),
                 Err(_) => "tcp (unknown address)".to_owned(),
             },
-            Listener::Unix(_, path) => format!("unix {}", path.display()),
+            Listener::Unix(_, path) | Listener::UnixInherited(_, path) => {
+                format!("unix {}", path.display())
+            }
         }
     }
+}
+
+/// Takes over sockets inherited through socket activation (call inside the runtime).
+pub fn inherited(sockets: Vec<Inherited>) -> io::Result<Vec<Listener>> {
+    sockets
+        .into_iter()
+        .map(|Inherited { socket, fd, name }| {
+            // Tokio needs non-blocking sockets; inherited ones are blocking (tokio#5595).
+            let listener = match socket {
+                InheritedSocket::Tcp(l) => {
+                    l.set_nonblocking(true)?;
+                    Listener::Tcp(TcpListener::from_std(l)?)
+                }
+                InheritedSocket::Unix(l, path) => {
+                    l.set_nonblocking(true)?;
+                    let path = path.unwrap_or_else(|| format!("(fd {fd} {name})").into());
+                    Listener::UnixInherited(UnixListener::from_std(l)?, path)
+                }
+            };
+            tracing::debug!(fd, name, "inherited {}", listener.describe());
+            Ok(listener)
+        })
+        .collect()
 }
 
 /// Binds every configured address. A stale Unix socket file (nobody listening) is replaced; a
@@ -91,15 +121,18 @@ async fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
 pub struct ServeOptions {
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// Where requests and connections are counted; `None` when metrics are off.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
-/// Accepts on every listener until `shutdown` is cancelled, then waits up to the grace period
-/// for sessions to finish their in-flight requests. Returns when everything has stopped.
+/// Accepts on every listener until shutdown starts, then gives sessions the grace period to
+/// finish the requests they have read (see [`crate::shutdown`]). Returns when every session
+/// has ended or the grace period is over.
 pub async fn serve(
     listeners: Vec<Listener>,
     exports: Arc<Exports>,
     options: ServeOptions,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
@@ -114,20 +147,37 @@ pub async fn serve(
             Arc::clone(&slots),
             tracker.clone(),
             shutdown.clone(),
+            options.metrics.clone(),
         );
         tracker.spawn(accept);
     }
-    shutdown.cancelled().await;
+    shutdown.stopping().await;
     tracker.close();
     tracing::info!(
         active = tracker.len(),
+        grace = ?options.shutdown_grace,
         "stopping: no new connections, finishing requests in flight"
     );
-    if tokio::time::timeout(options.shutdown_grace, tracker.wait())
+    let grace = options.shutdown_grace;
+    let close_at = shutdown::closing_after(grace);
+    if tokio::time::timeout(close_at, tracker.wait())
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?options.shutdown_grace, "connections still open after the grace period, closing them");
+        tracing::info!(
+            active = tracker.len(),
+            "grace period nearly over: closing connections after their queued replies"
+        );
+        shutdown.close();
+        if tokio::time::timeout(grace - close_at, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "connections still open after the grace period, dropping them"
+            );
+        }
     }
     for path in unix_paths {
         let _ = std::fs::remove_file(path);
@@ -139,16 +189,17 @@ async fn accept_loop(
     exports: Arc<Exports>,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
 ) {
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("semaphore never closed"),
-            () = shutdown.cancelled() => return,
+            () = shutdown.stopping() => return,
         };
         let accepted = tokio::select! {
             accepted = accept(&listener) => accepted,
-            () = shutdown.cancelled() => return,
+            () = shutdown.stopping() => return,
         };
         let (stream, peer) = match accepted {
             Ok(conn) => conn,
@@ -162,19 +213,22 @@ async fn accept_loop(
         let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
         let exports = Arc::clone(&exports);
         let shutdown = shutdown.clone();
+        let metrics = metrics.clone();
         tracker.spawn(
             async move {
                 tracing::debug!("accepted");
+                let counted = metrics.as_ref().map(|m| m.connection());
                 match stream {
                     Stream::Tcp(stream) => {
                         let (reader, writer) = stream.into_split();
-                        session::serve(reader, writer, exports, shutdown).await;
+                        session::serve(reader, writer, exports, shutdown, metrics).await;
                     }
                     Stream::Unix(stream) => {
                         let (reader, writer) = stream.into_split();
-                        session::serve(reader, writer, exports, shutdown).await;
+                        session::serve(reader, writer, exports, shutdown, metrics).await;
                     }
                 }
+                drop(counted);
                 drop(slot);
             }
             .instrument(span),
@@ -195,7 +249,7 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
             stream.set_nodelay(true)?;
             Ok((Stream::Tcp(stream), peer.to_string()))
         }
-        Listener::Unix(l, path) => {
+        Listener::Unix(l, path) | Listener::UnixInherited(l, path) => {
             let (stream, _) = l.accept().await?;
             Ok((Stream::Unix(stream), format!("unix:{}", path.display())))
         }

@@ -7,9 +7,10 @@ mod transmit;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::sync::CancellationToken;
 
 use crate::export::Exports;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 pub use negotiate::Negotiated;
 
@@ -19,14 +20,17 @@ pub async fn serve<R, W>(
     mut reader: R,
     mut writer: W,
     exports: Arc<Exports>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // Once stopping, the handshake answers options with ERR_SHUTDOWN itself; a client that is
+    // still mid-handshake when the grace period runs out is simply dropped.
     let negotiated = tokio::select! {
-        result = negotiate::negotiate(&mut reader, &mut writer, &exports) => result,
-        () = shutdown.cancelled() => {
+        result = negotiate::negotiate(&mut reader, &mut writer, &exports, &shutdown) => result,
+        () = shutdown.closing() => {
             tracing::debug!("shutdown during handshake, closing");
             return;
         }
@@ -45,7 +49,8 @@ pub async fn serve<R, W>(
         size = negotiated.export.size(),
         "transmission started"
     );
-    match transmit::transmit(reader, writer, negotiated, shutdown).await {
+    let metrics = metrics.and_then(|m| m.export(&negotiated.export.name));
+    match transmit::transmit(reader, writer, negotiated, &shutdown, metrics).await {
         Ok(stats) => tracing::info!(requests = stats.requests, "connection closed"),
         Err(err) => tracing::info!(cause = %err, "connection dropped"),
     }

@@ -10,6 +10,7 @@ use crate::export::{Export, Exports};
 use crate::proto::consts::*;
 use crate::proto::handshake::{self, option_reply};
 use crate::proto::transmission::ReplyMode;
+use crate::shutdown::{DRAIN_IDLE, Shutdown};
 
 /// The id this server gives `base:allocation` in SET_META_CONTEXT.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -48,11 +49,16 @@ struct State {
 }
 
 /// Runs the handshake. `Ok(None)`: the client aborted or broke a rule that ends the
-/// connection (both logged).
+/// connection (both logged), or the server is stopping.
+///
+/// Once the server is stopping, every option gets `NBD_REP_ERR_SHUTDOWN` ("the server is
+/// unwilling to continue negotiation as it is in the process of being shut down"), ABORT its
+/// ACK, and the connection closes when the client goes quiet.
 pub async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     exports: &Exports,
+    shutdown: &Shutdown,
 ) -> io::Result<Option<Negotiated>>
 where
     R: AsyncRead + Unpin,
@@ -77,10 +83,15 @@ where
     };
 
     let mut out = Vec::new();
+    let mut stopping = false;
     loop {
-        let magic = reader.read_u64().await?;
-        let option = reader.read_u32().await?;
-        let len = reader.read_u32().await?;
+        let Some(header) = read_option_header(reader, shutdown, &mut stopping).await? else {
+            tracing::debug!("server stopping, client quiet: closing the handshake");
+            return Ok(None);
+        };
+        let magic = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
+        let option = u32::from_be_bytes(header[8..12].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(header[12..].try_into().expect("4 bytes"));
         if magic != IHAVEOPT {
             tracing::info!(magic, "bad option magic, closing");
             return Ok(None);
@@ -114,7 +125,12 @@ where
         tracing::debug!(option, len, "option");
 
         out.clear();
-        let step = handle_option(option, &data, &mut state, exports, &mut out);
+        stopping |= shutdown.is_stopping();
+        let step = if stopping {
+            refuse_option(option, &mut out)
+        } else {
+            handle_option(option, &data, &mut state, exports, &mut out)
+        };
         writer.write_all(&out).await?;
         match step {
             Step::Continue => {}
@@ -137,6 +153,64 @@ enum Step {
     Continue,
     Close,
     Transmit(Arc<Export>),
+}
+
+/// Reads the 16-byte option header (magic, option, length). Until stopping starts it waits as
+/// long as the client likes, and notices the start of stopping only between options, so no
+/// bytes are lost. Once stopping, a client quiet for [`DRAIN_IDLE`] (or the closing phase)
+/// ends the handshake: `Ok(None)`.
+async fn read_option_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    shutdown: &Shutdown,
+    stopping: &mut bool,
+) -> io::Result<Option<[u8; 16]>> {
+    let mut header = [0u8; 16];
+    let mut got = 0;
+    while got < header.len() {
+        // `read` is cancel-safe: when another branch wins, no bytes were taken.
+        let n = if *stopping {
+            tokio::select! {
+                read = tokio::time::timeout(DRAIN_IDLE, reader.read(&mut header[got..])) => {
+                    match read {
+                        Ok(read) => read?,
+                        Err(_quiet) => return Ok(None),
+                    }
+                }
+                () = shutdown.closing() => return Ok(None),
+            }
+        } else if got == 0 {
+            tokio::select! {
+                read = reader.read(&mut header[got..]) => read?,
+                () = shutdown.stopping() => {
+                    *stopping = true;
+                    continue;
+                }
+            }
+        } else {
+            reader.read(&mut header[got..]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Ok(Some(header))
+}
+
+/// The answer to an option while the server is stopping.
+fn refuse_option(option: u32, out: &mut Vec<u8>) -> Step {
+    match option {
+        OPT_ABORT => {
+            option_reply(out, option, REP_ACK, &[]);
+            Step::Close
+        }
+        // EXPORT_NAME has no error reply; the spec's only answer is to close.
+        OPT_EXPORT_NAME => Step::Close,
+        _ => {
+            option_reply(out, option, REP_ERR_SHUTDOWN, b"server is shutting down");
+            Step::Continue
+        }
+    }
 }
 
 /// Handles one option, appending the replies to `out`.

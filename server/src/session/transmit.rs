@@ -1,40 +1,39 @@
-//! The transmission phase. Two tasks per connection:
+//! The transmission phase: one task per connection that both receives and sends.
 //!
-//! * the **reader** (this connection's task) parses requests out of one reusable receive
-//!   buffer, validates them, and executes writes, trims and zeroes on the spot (a memcpy or a
-//!   madvise: no reason to defer them);
-//! * the **writer** task turns completions into replies, copying READ data straight from the
-//!   store into one reusable send buffer, and batches as many replies per `write` as are ready.
+//! Requests are parsed out of one reusable receive buffer, validated and executed on the spot
+//! (a write, trim or zero is a memcpy or a madvise: nothing to gain by deferring it), and their
+//! replies are encoded into one reusable send buffer, READ data copied straight from the store.
+//! The task then waits for whichever comes first: more requests, or room to send replies. So
+//! requests are pipelined (the client may have any number in flight; replies for a batch go out
+//! in one `write`), there is no queue or second task to wake per request, and the memory a
+//! connection holds is bounded: a receive buffer of at most one maximum request, and a send
+//! buffer that stops growing at [`SEND_BATCH`] (reading stops too until it drains, which pushes
+//! back on the client through TCP). Replies go out in request order, which the protocol allows.
 //!
-//! Requests are pipelined: the reader never waits for a reply to be sent, only for room in the
-//! bounded completion queue, which is what bounds the memory a connection can hold (one receive
-//! buffer of at most one maximum request, one send buffer, and a queue of small completions).
-//! Replies go out in the order requests arrived, which the protocol allows (any order is).
+//! Metrics count each request at one completion point, [`Connection::sent`]: when the last byte
+//! of its reply has been written. Latency runs from the read that brought the request in. With
+//! metrics off nothing is recorded and no clock is read.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::Negotiated;
 use crate::export::Export;
+use crate::metrics::ExportMetrics;
 use crate::proto::Errno;
 use crate::proto::consts::*;
 use crate::proto::transmission::{Decoded, ReplyMode, Request, decode_request};
-use crate::ramdisk::Extent;
+use crate::ramdisk::{Extent, NoSpace};
+use crate::shutdown::{DRAIN_IDLE, LINGER, Phase, Shutdown};
 
-/// Completions queued for the writer: comfortably more than the kernel's 128 requests in flight.
-const COMPLETION_QUEUE: usize = 256;
 /// Receive buffer size for ordinary traffic; grows to one maximum request when needed.
 const RECEIVE_BUFFER: usize = 256 * 1024;
-/// Replies are sent once this many bytes are ready (or nothing else is queued).
+/// Replies are encoded until this many bytes wait to be sent.
 const SEND_BATCH: usize = 256 * 1024;
-/// After shutdown starts, a connection idle for this long is closed.
-const DRAIN_IDLE: Duration = Duration::from_millis(250);
 
 /// What one connection did, for its closing log line.
 #[derive(Debug, Default)]
@@ -42,7 +41,7 @@ pub struct Stats {
     pub requests: u64,
 }
 
-/// A finished request, waiting to be sent.
+/// A finished request, ready to be encoded as a reply.
 #[derive(Debug)]
 enum Completion {
     /// No data: success or an error.
@@ -51,7 +50,7 @@ enum Completion {
         offset: u64,
         result: Result<(), Failure>,
     },
-    /// A successful READ; the writer copies the data when it sends the reply.
+    /// A successful READ; its data is copied from the store as the reply is encoded.
     Read { cookie: u64, offset: u64, len: u64 },
     /// A successful BLOCK_STATUS: (length, base:allocation flags) runs.
     BlockStatus {
@@ -66,144 +65,306 @@ enum Completion {
 #[derive(Debug, Clone, Copy)]
 struct Failure(Errno, &'static str);
 
+/// Why [`Connection::produce`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Produced {
+    /// The send buffer is full: send before producing more.
+    SendBufferFull,
+    /// A request is incomplete: receive more.
+    NeedInput,
+    /// The client sent DISC: no more requests will be read.
+    Disconnect,
+}
+
+/// Per-connection transmission state.
+struct Connection<'a> {
+    negotiated: &'a Negotiated,
+    mode: ReplyMode,
+    received: BytesMut,
+    /// Payload bytes of a refused oversized request still to be skipped.
+    skip: u64,
+    send: Vec<u8>,
+    /// Bytes of `send` already written.
+    sent: usize,
+    /// The part of a READ reply's data not yet copied into `send`: (offset, length).
+    read_tail: Option<(u64, u64)>,
+    /// Shutdown has begun: new requests get ESHUTDOWN.
+    draining: bool,
+    stats: Stats,
+    /// Metrics for this connection's export; `None` when metrics are off.
+    metrics: Option<&'a ExportMetrics>,
+    /// When the latest bytes were received (kept only with metrics on).
+    received_at: Option<Instant>,
+    /// Bytes written before the start of `send` (kept only with metrics on).
+    send_base: u64,
+    /// Requests whose replies are encoded but not yet completely written.
+    unsent_meters: VecDeque<Meter>,
+}
+
+/// What metrics need to know about a request until its reply has been written.
+#[derive(Debug, Clone, Copy)]
+struct Meter {
+    command: u16,
+    length: u64,
+    failed: bool,
+    arrived: Instant,
+    /// Where its reply ends in the connection's output (counted like `send_base`).
+    reply_end: u64,
+}
+
 pub async fn transmit<R, W>(
     mut reader: R,
-    writer: W,
+    mut writer: W,
     negotiated: Negotiated,
-    shutdown: CancellationToken,
+    shutdown: &Shutdown,
+    metrics: Option<std::sync::Arc<ExportMetrics>>,
 ) -> io::Result<Stats>
 where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
-    let (completions, queue) = mpsc::channel(COMPLETION_QUEUE);
-    let mode = negotiated.reply_mode();
-    let writer = tokio::spawn(send_replies(
-        writer,
-        queue,
-        Arc::clone(&negotiated.export),
-        mode,
-    ));
-    let read_result = receive_requests(&mut reader, &completions, &negotiated, &shutdown).await;
-    // Closing the queue lets the writer send every reply still queued, then finish: this is
-    // what makes DISC and shutdown complete in-flight requests before the socket closes.
-    drop(completions);
-    let write_result = writer.await.map_err(io::Error::other)?;
-    let stats = read_result?;
-    write_result?;
-    Ok(stats)
+    let mut conn = Connection {
+        mode: negotiated.reply_mode(),
+        negotiated: &negotiated,
+        received: BytesMut::with_capacity(RECEIVE_BUFFER),
+        skip: 0,
+        send: Vec::with_capacity(2 * SEND_BATCH),
+        sent: 0,
+        read_tail: None,
+        draining: false,
+        stats: Stats::default(),
+        metrics: metrics.as_deref(),
+        received_at: None,
+        send_base: 0,
+        unsent_meters: VecDeque::with_capacity(if metrics.is_some() { 256 } else { 0 }),
+    };
+    let mut end_of_input = false;
+    loop {
+        // Polled at every turn (one atomic load), not only when the client is quiet: the
+        // select below prefers I/O, so a client that never pauses would otherwise keep its
+        // requests executing after the signal, and its connection open past the grace period.
+        match shutdown.phase() {
+            Phase::Running => {}
+            Phase::Stopping => conn.draining = true,
+            Phase::Closing => {
+                conn.draining = true;
+                end_of_input = true;
+            }
+        }
+        let produced = conn.produce()?;
+        let unsent = conn.sent < conn.send.len();
+        let finished =
+            produced == Produced::Disconnect || (end_of_input && produced == Produced::NeedInput);
+        if finished && !unsent {
+            // Every request received has its complete reply on the wire: DISC and EOF both
+            // end here, never with replies still queued.
+            writer.shutdown().await?;
+            if conn.draining {
+                // Stopped by shutdown, so the client may still be sending. Closing a socket
+                // with unread input resets the connection, which can destroy replies still in
+                // flight: read and discard until the client closes too (or LINGER passes).
+                let mut sink = [0u8; 16 * 1024];
+                let _ = tokio::time::timeout(LINGER, async {
+                    while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            }
+            return Ok(conn.stats);
+        }
+        let receive = produced == Produced::NeedInput && !end_of_input;
+        if receive && conn.received.capacity() - conn.received.len() < RECEIVE_BUFFER / 4 {
+            conn.received.reserve(RECEIVE_BUFFER);
+        }
+        tokio::select! {
+            // Receive first: replies for everything already pipelined then go out in one write.
+            biased;
+            read = reader.read_buf(&mut conn.received), if receive => {
+                if read? == 0 {
+                    end_of_input = true;
+                } else if conn.metrics.is_some() {
+                    conn.received_at = Some(Instant::now());
+                }
+            }
+            written = writer.write(&conn.send[conn.sent..]), if unsent => {
+                conn.sent(written?);
+            }
+            () = shutdown.stopping(), if receive && !conn.draining => {
+                tracing::debug!("shutdown: answering further requests with ESHUTDOWN");
+                conn.draining = true;
+            }
+            () = tokio::time::sleep(DRAIN_IDLE), if receive && conn.draining && !unsent => {
+                tracing::debug!("shutdown: client idle, closing");
+                end_of_input = true;
+            }
+            () = shutdown.closing(), if receive && conn.draining => {
+                // The grace period is nearly over: answer what has been read, then close.
+                tracing::debug!("shutdown: closing after the replies already due");
+                end_of_input = true;
+            }
+        }
+    }
 }
 
-async fn receive_requests<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    completions: &mpsc::Sender<Completion>,
-    negotiated: &Negotiated,
-    shutdown: &CancellationToken,
-) -> io::Result<Stats> {
-    let mut stats = Stats::default();
-    let mut buf = BytesMut::with_capacity(RECEIVE_BUFFER);
-    let mut draining = false;
-    loop {
-        let (request, header_len) = match decode_request(&buf, negotiated.extended) {
-            Decoded::Request {
-                request,
-                header_len,
-            } => (request, header_len),
-            Decoded::Incomplete => {
-                if !fill(reader, &mut buf, shutdown, &mut draining).await? {
-                    return Ok(stats);
+impl Connection<'_> {
+    /// Accounts for `written` bytes of `send` having been written. This is the completion
+    /// point: a request whose reply is now completely written is counted for metrics.
+    fn sent(&mut self, written: usize) {
+        self.sent += written;
+        if let Some(metrics) = self.metrics {
+            let sent_through = self.send_base + self.sent as u64;
+            let mut now = None;
+            while let Some(meter) = self.unsent_meters.front() {
+                if meter.reply_end > sent_through {
+                    break;
                 }
+                let now = *now.get_or_insert_with(Instant::now);
+                metrics.record(
+                    meter.command,
+                    meter.length,
+                    meter.failed,
+                    now.saturating_duration_since(meter.arrived),
+                );
+                self.unsent_meters.pop_front();
+            }
+        }
+        if self.sent == self.send.len() {
+            self.send_base += self.send.len() as u64;
+            self.send.clear();
+            self.sent = 0;
+        }
+    }
+
+    /// Notes, for metrics, a request whose reply has just been encoded.
+    fn meter(&mut self, request: &Request, failed: bool) {
+        if self.metrics.is_none() {
+            return;
+        }
+        let tail = self.read_tail.map_or(0, |(_, len)| len);
+        self.unsent_meters.push_back(Meter {
+            command: request.command,
+            length: request.length,
+            failed,
+            arrived: self.received_at.unwrap_or_else(Instant::now),
+            reply_end: self.send_base + self.send.len() as u64 + tail,
+        });
+    }
+
+    /// Turns received requests into replies until the send buffer is full, a request is
+    /// incomplete, or the client disconnects. Errors only for a stream out of sync.
+    fn produce(&mut self) -> io::Result<Produced> {
+        loop {
+            if self.send.len() >= SEND_BATCH {
+                return Ok(Produced::SendBufferFull);
+            }
+            if let Some((offset, len)) = self.read_tail {
+                // Copy READ data in batch-sized pieces so a 32 MiB read never needs a 32 MiB
+                // send buffer.
+                let piece = len.min(SEND_BATCH as u64);
+                self.negotiated
+                    .export
+                    .disk
+                    .read_into(offset, piece as usize, &mut self.send);
+                self.read_tail = (piece < len).then_some((offset + piece, len - piece));
                 continue;
             }
-            Decoded::BadMagic(magic) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad request magic {magic:#x}: stream out of sync"),
-                ));
-            }
-        };
-        stats.requests += 1;
-        if request.command == CMD_DISC {
-            tracing::debug!("client disconnect (DISC)");
-            return Ok(stats);
-        }
-        let completion = if request.payload_len > u64::from(MAX_PAYLOAD) {
-            // Refused without buffering it: drain the payload to stay in sync.
-            buf.advance(header_len);
-            discard(reader, &mut buf, request.payload_len).await?;
-            done(
-                &request,
-                Err(Failure(Errno::Inval, "payload larger than 32 MiB")),
-            )
-        } else {
-            let total = header_len + request.payload_len as usize;
-            while buf.len() < total {
-                buf.reserve(total - buf.len());
-                if !fill(reader, &mut buf, shutdown, &mut draining).await? {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
+            if self.skip > 0 {
+                let skipped = self.skip.min(self.received.len() as u64);
+                self.received.advance(skipped as usize);
+                self.skip -= skipped;
+                if self.skip > 0 {
+                    return Ok(Produced::NeedInput);
                 }
             }
-            let completion = if draining {
+            let (request, header_len) =
+                match decode_request(&self.received, self.negotiated.extended) {
+                    Decoded::Request {
+                        request,
+                        header_len,
+                    } => (request, header_len),
+                    Decoded::Incomplete => return Ok(Produced::NeedInput),
+                    Decoded::BadMagic(magic) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("bad request magic {magic:#x}: stream out of sync"),
+                        ));
+                    }
+                };
+            self.stats.requests += 1;
+            if request.command == CMD_DISC {
+                tracing::debug!("client disconnect (DISC)");
+                return Ok(Produced::Disconnect);
+            }
+            let completion = if request.payload_len > u64::from(MAX_PAYLOAD) {
+                // Refused without buffering it: skip the payload to stay in sync.
+                self.received.advance(header_len);
+                self.skip = request.payload_len;
                 done(
                     &request,
-                    Err(Failure(Errno::Shutdown, "server is shutting down")),
+                    Err(Failure(Errno::Inval, "payload larger than 32 MiB")),
                 )
             } else {
-                execute(negotiated, &request, &buf[header_len..total])
+                let total = header_len + request.payload_len as usize;
+                if self.received.len() < total {
+                    self.received.reserve(total - self.received.len());
+                    return Ok(Produced::NeedInput);
+                }
+                let completion = if self.draining {
+                    done(
+                        &request,
+                        Err(Failure(Errno::Shutdown, "server is shutting down")),
+                    )
+                } else {
+                    execute(self.negotiated, &request, &self.received[header_len..total])
+                };
+                self.received.advance(total);
+                if self.received.is_empty() && self.received.capacity() > 2 * RECEIVE_BUFFER {
+                    // A maximum-size request grew the buffer; give that memory back.
+                    self.received = BytesMut::with_capacity(RECEIVE_BUFFER);
+                }
+                completion
             };
-            buf.advance(total);
-            completion
-        };
-        if buf.is_empty() && buf.capacity() > 2 * RECEIVE_BUFFER {
-            // A maximum-size request grew the buffer; give that memory back.
-            buf = BytesMut::with_capacity(RECEIVE_BUFFER);
-        }
-        if completions.send(completion).await.is_err() {
-            return Err(io::ErrorKind::BrokenPipe.into());
+            let failed = matches!(completion, Completion::Done { result: Err(_), .. });
+            self.encode(completion);
+            self.meter(&request, failed);
         }
     }
-}
 
-/// Reads more bytes into `buf`. Returns false at end of stream, or when draining after
-/// shutdown and the client has gone quiet.
-async fn fill<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    shutdown: &CancellationToken,
-    draining: &mut bool,
-) -> io::Result<bool> {
-    if buf.capacity() - buf.len() < RECEIVE_BUFFER / 4 {
-        buf.reserve(RECEIVE_BUFFER);
-    }
-    if !*draining {
-        tokio::select! {
-            read = reader.read_buf(buf) => return Ok(read? > 0),
-            () = shutdown.cancelled() => {
-                tracing::debug!("shutdown: answering further requests with ESHUTDOWN");
-                *draining = true;
+    /// Appends a reply to the send buffer; READ data follows through `read_tail`.
+    fn encode(&mut self, completion: Completion) {
+        let out = &mut self.send;
+        match completion {
+            Completion::Done {
+                cookie,
+                offset,
+                result: Ok(()),
+            } => self.mode.done(out, cookie, offset),
+            Completion::Done {
+                cookie,
+                offset,
+                result: Err(Failure(errno, message)),
+            } => {
+                tracing::debug!(%errno, message, offset, "request failed");
+                self.mode.error(out, cookie, offset, errno, message);
+            }
+            Completion::Read {
+                cookie,
+                offset,
+                len,
+            } => {
+                self.mode.read_header(out, cookie, offset, len);
+                self.read_tail = (len > 0).then_some((offset, len));
+            }
+            Completion::BlockStatus {
+                cookie,
+                offset,
+                context,
+                extents,
+            } => {
+                self.mode
+                    .block_status(out, cookie, offset, context, &extents);
             }
         }
     }
-    match tokio::time::timeout(DRAIN_IDLE, reader.read_buf(buf)).await {
-        Ok(read) => Ok(read? > 0),
-        Err(_idle) => Ok(false),
-    }
-}
-
-/// Consumes `len` payload bytes, some possibly already in `buf`, without keeping them.
-async fn discard<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    len: u64,
-) -> io::Result<()> {
-    let buffered = (buf.len() as u64).min(len);
-    buf.advance(buffered as usize);
-    let rest = len - buffered;
-    let copied = tokio::io::copy(&mut reader.take(rest), &mut tokio::io::sink()).await?;
-    if copied < rest {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
 
 fn done(request: &Request, result: Result<(), Failure>) -> Completion {
@@ -265,7 +426,7 @@ fn try_execute(
             }
             check_writable(export)?;
             check_range(export, offset, length, Errno::NoSpc)?;
-            export.disk.write(offset, payload);
+            export.disk.write(offset, payload).map_err(over_cap)?;
             ok
         }
         // Writes are in RAM, visible to every connection, by the time they are replied to:
@@ -274,7 +435,7 @@ fn try_execute(
         CMD_TRIM => {
             check_writable(export)?;
             check_range(export, offset, length, Errno::Inval)?;
-            export.disk.zero(offset, length, true);
+            export.disk.zero(offset, length, true).map_err(over_cap)?;
             ok
         }
         CMD_CACHE => {
@@ -287,7 +448,8 @@ fn try_execute(
             // NO_HOLE asks for the range to stay allocated, so write real zeroes then.
             export
                 .disk
-                .zero(offset, length, flags & CMD_FLAG_NO_HOLE == 0);
+                .zero(offset, length, flags & CMD_FLAG_NO_HOLE == 0)
+                .map_err(over_cap)?;
             ok
         }
         CMD_BLOCK_STATUS => {
@@ -342,6 +504,14 @@ fn allowed_flags(command: u16, negotiated: &Negotiated) -> u16 {
     CMD_FLAG_FUA | specific
 }
 
+/// The memory cap is full: ENOSPC, which the spec names for "no space" conditions.
+fn over_cap(_: NoSpace) -> Failure {
+    Failure(
+        Errno::NoSpc,
+        "memory cap reached: trim or zero data to make room",
+    )
+}
+
 fn check_writable(export: &Export) -> Result<(), Failure> {
     if export.read_only {
         Err(Failure(Errno::Perm, "export is read-only"))
@@ -356,80 +526,4 @@ fn check_range(export: &Export, offset: u64, len: u64, past_end: Errno) -> Resul
         Some(end) if end > export.size() => Err(Failure(past_end, "beyond the end of the export")),
         Some(_) => Ok(()),
     }
-}
-
-/// The writer task: encodes completions into a reusable buffer and sends them in batches.
-async fn send_replies<W: AsyncWrite + Unpin>(
-    mut writer: W,
-    mut queue: mpsc::Receiver<Completion>,
-    export: Arc<Export>,
-    mode: ReplyMode,
-) -> io::Result<()> {
-    let mut out = Vec::with_capacity(2 * SEND_BATCH);
-    while let Some(first) = queue.recv().await {
-        let mut next = Some(first);
-        while let Some(completion) = next {
-            encode(completion, mode, &export, &mut out, &mut writer).await?;
-            next = if out.len() < SEND_BATCH {
-                queue.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        writer.write_all(&out).await?;
-        out.clear();
-    }
-    writer.shutdown().await
-}
-
-async fn encode<W: AsyncWrite + Unpin>(
-    completion: Completion,
-    mode: ReplyMode,
-    export: &Export,
-    out: &mut Vec<u8>,
-    writer: &mut W,
-) -> io::Result<()> {
-    match completion {
-        Completion::Done {
-            cookie,
-            offset,
-            result: Ok(()),
-        } => mode.done(out, cookie, offset),
-        Completion::Done {
-            cookie,
-            offset,
-            result: Err(Failure(errno, message)),
-        } => {
-            tracing::debug!(%errno, message, offset, "request failed");
-            mode.error(out, cookie, offset, errno, message);
-        }
-        Completion::Read {
-            cookie,
-            offset,
-            len,
-        } => {
-            mode.read_header(out, cookie, offset, len);
-            // Copy in batch-sized pieces so a 32 MiB read never needs a 32 MiB buffer.
-            let mut at = offset;
-            let end = offset + len;
-            while at < end {
-                let piece = (end - at).min(SEND_BATCH as u64);
-                export.disk.read_into(at, piece as usize, out);
-                at += piece;
-                if out.len() >= SEND_BATCH {
-                    writer.write_all(out).await?;
-                    out.clear();
-                }
-            }
-        }
-        Completion::BlockStatus {
-            cookie,
-            offset,
-            context,
-            extents,
-        } => {
-            mode.block_status(out, cookie, offset, context, &extents);
-        }
-    }
-    Ok(())
 }
