@@ -1,0 +1,62 @@
+//! The `nbd` crate's synchronous client: a third-party client on the EXPORT_NAME path (it sends
+//! client flags FIXED_NEWSTYLE only, so the server must send the 124 zero bytes, which the crate
+//! checks).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+
+use nbd::client::{NbdClient, NbdExt, handshake};
+use ramnbd_client_tests::{KIB, MIB, Server, random_bytes};
+
+#[test]
+fn nbd_crate_writes_and_reads_back_over_tcp() {
+    let server = Server::start(&["-e", "crate=8M"]);
+    let mut tcp = TcpStream::connect(server.tcp_addr()).expect("connect");
+    let export = handshake(&mut tcp, b"crate").expect("EXPORT_NAME handshake");
+    assert_eq!(export.size, 8 * MIB);
+    assert!(!export.readonly);
+    assert!(!export.rotational);
+    assert!(export.send_trim);
+    assert!(export.send_flush);
+
+    let mut client = NbdClient::new(&mut tcp, &export);
+    let data = random_bytes(1, MIB as usize);
+    client.seek(SeekFrom::Start(4 * KIB)).expect("seek");
+    client.write_all(&data).expect("write");
+    client.flush().expect("flush");
+
+    let mut back = vec![0u8; MIB as usize + 8 * KIB as usize];
+    client.seek(SeekFrom::Start(0)).expect("seek");
+    client.read_exact(&mut back).expect("read");
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert!(back[4096..4096 + data.len()] == data[..]);
+    assert!(back[4096 + data.len()..].iter().all(|&b| b == 0));
+
+    // The crate's TRIM, and the read-back of the trimmed range.
+    client.seek(SeekFrom::Start(4 * KIB)).expect("seek");
+    client.trim(64 * KIB as usize).expect("trim");
+    let mut trimmed = vec![0xffu8; 64 * KIB as usize];
+    client.seek(SeekFrom::Start(4 * KIB)).expect("seek");
+    client.read_exact(&mut trimmed).expect("read");
+    assert!(
+        trimmed.iter().all(|&b| b == 0),
+        "trimmed range reads as zero"
+    );
+}
+
+#[test]
+fn nbd_crate_sees_the_end_of_the_export_over_unix() {
+    let server = Server::start(&["-s", "1M"]);
+    let mut unix = UnixStream::connect(server.unix_path()).expect("connect");
+    let export = handshake(&mut unix, b"").expect("handshake to the default export");
+    assert_eq!(export.size, MIB);
+    let mut client = NbdClient::new(&mut unix, &export);
+    client.seek(SeekFrom::End(-3)).expect("seek");
+    client.write_all(b"end").expect("write the last bytes");
+    // Reading to the end stops at the export size.
+    client.seek(SeekFrom::End(-10)).expect("seek");
+    let mut tail = Vec::new();
+    client.read_to_end(&mut tail).expect("read to the end");
+    assert_eq!(tail, b"\0\0\0\0\0\0\0end");
+}

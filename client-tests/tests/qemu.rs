@@ -1,0 +1,123 @@
+//! qemu's NBD client (qemu-io, qemu-img) against ramnbd.
+
+use ramnbd_client_tests::tools::run;
+use ramnbd_client_tests::{MIB, Server, require_tool, run_ok};
+use serde_json::Value;
+
+/// Runs qemu-io commands against `uri`; returns (success, combined output).
+fn qemu_io(uri: &str, commands: &[&str]) -> (bool, String) {
+    let qemu_io = require_tool("qemu-io", "qemu-utils");
+    let mut args = vec!["-f", "raw"];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    args.push(uri);
+    let output = run(qemu_io, &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // qemu-io reports a failed command in its output; the exit status alone is not enough on
+    // every version, so look at both.
+    let ok = output.status.success() && !text.contains("failed") && !text.contains("error");
+    (ok, text)
+}
+
+#[test]
+fn qemu_io_patterns_discard_and_write_zeroes() {
+    let server = Server::start(&["-e", "qdisk=64M"]);
+    let uri = server.tcp_uri("qdisk");
+    let (ok, out) = qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 0 1M",
+            "read -P 0xab 0 1M",
+            "write -P 0xcd 3M 512k",
+            // discard = TRIM; ramnbd reads trimmed ranges back as zeroes.
+            "discard 0 64k",
+            "read -P 0 0 64k",
+            "read -P 0xab 64k 960k",
+            // write -z = WRITE_ZEROES with NO_HOLE; with -u the server may punch a hole.
+            "write -z 3M 128k",
+            "read -P 0 3M 128k",
+            "write -z -u 3200k 64k",
+            "read -P 0 3200k 64k",
+            "read -P 0xcd 3264k 256k",
+            // Unaligned I/O.
+            "write -P 0x5a 12345 777",
+            "read -P 0x5a 12345 777",
+            "flush",
+        ],
+    );
+    assert!(ok, "qemu-io failed:\n{out}");
+    assert_eq!(out.matches("wrote ").count(), 5, "{out}");
+    assert_eq!(out.matches("read ").count(), 7, "{out}");
+
+    // The same checks over the Unix socket see the same data.
+    let (ok, out) = qemu_io(&server.unix_uri("qdisk"), &["read -P 0xab 1000k 24k"]);
+    assert!(ok, "qemu-io over unix failed:\n{out}");
+}
+
+#[test]
+fn qemu_io_detects_a_wrong_pattern() {
+    // The negative control for the test above: a wrong expectation must fail, so a passing
+    // qemu-io run really means the data matched.
+    let server = Server::start(&["-s", "4M"]);
+    let (ok, out) = qemu_io(
+        &server.unix_uri(""),
+        &["write -P 0xab 0 64k", "read -P 0xcd 0 64k"],
+    );
+    assert!(!ok, "a wrong pattern was accepted:\n{out}");
+    assert!(out.contains("Pattern verification failed"), "{out}");
+}
+
+/// (start, length, data, zero) runs from `qemu-img map --output=json`, adjacent equal runs merged.
+fn qemu_img_map(uri: &str) -> Vec<(u64, u64, bool, bool)> {
+    let qemu_img = require_tool("qemu-img", "qemu-utils");
+    let text = run_ok(qemu_img, &["map", "-f", "raw", "--output=json", uri]);
+    let entries: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("qemu-img map JSON ({e}):\n{text}"));
+    let mut runs: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for entry in entries.as_array().expect("array") {
+        let start = entry["start"].as_u64().expect("start");
+        let length = entry["length"].as_u64().expect("length");
+        let data = entry["data"].as_bool().expect("data");
+        let zero = entry["zero"].as_bool().expect("zero");
+        match runs.last_mut() {
+            Some(last) if last.2 == data && last.3 == zero && last.0 + last.1 == start => {
+                last.1 += length;
+            }
+            _ => runs.push((start, length, data, zero)),
+        }
+    }
+    runs
+}
+
+#[test]
+fn qemu_img_map_shows_data_and_zero_extents() {
+    let server = Server::start(&["-s", "16M"]);
+    let uri = server.tcp_uri("");
+    let (ok, out) = qemu_io(&uri, &["write -P 0x11 0 1M", "write -P 0x22 8M 1M"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        qemu_img_map(&uri),
+        [
+            (0, MIB, true, false),
+            (MIB, 7 * MIB, false, true),
+            (8 * MIB, MIB, true, false),
+            (9 * MIB, 7 * MIB, false, true),
+        ]
+    );
+    // Discarding the first MiB turns it back into a zero extent.
+    let (ok, out) = qemu_io(&uri, &["discard 0 1M"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        qemu_img_map(&uri),
+        [
+            (0, 8 * MIB, false, true),
+            (8 * MIB, MIB, true, false),
+            (9 * MIB, 7 * MIB, false, true),
+        ]
+    );
+}
