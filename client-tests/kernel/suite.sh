@@ -1,0 +1,62 @@
+#!/bin/sh
+# shellcheck shell=sh
+# The kernel-client test plan: nbd-client + nbd.ko against a running server.
+# Runs under bash on a host that has nbd.ko (kernel/run.sh starts it) and
+# under busybox sh inside the VM guest (vm/run.sh).  As root.
+#
+# Environment: NBD_HOST NBD_PORT (where this machine reaches the server),
+# NBD_DEV (a free /dev/nbdX), SUITE_WORK (a scratch directory),
+# EXPORT_{XFS,BTRFS,RAW} and SIZE_{DEFAULT,XFS,BTRFS,RAW} (from host.sh),
+# TREE (the test data, made on the host by checks.sh's make_tree: random
+# data is slow to make in an emulated guest), optionally NBD_TIMEOUT.
+# Prints one PASS/FAIL line per check and "N passed, N failed" last; exits
+# non-zero if anything failed.
+
+set -u
+SUITE_DIR=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=checks.sh
+. "$SUITE_DIR/checks.sh"
+
+: "${NBD_HOST:?} ${NBD_PORT:?} ${NBD_DEV:?} ${SUITE_WORK:?} ${TREE:?}"
+: "${EXPORT_XFS:?} ${EXPORT_BTRFS:?} ${EXPORT_RAW:?}"
+: "${SIZE_DEFAULT:?} ${SIZE_XFS:?} ${SIZE_BTRFS:?} ${SIZE_RAW:?}"
+# A hung server fails requests after this long instead of hanging the run
+# (without -t the kernel waits forever).
+NBD_TIMEOUT=${NBD_TIMEOUT:-60}
+
+[ -e /sys/module/nbd ] || modprobe nbd
+# The transmission flags are only visible in debugfs.
+grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug
+
+# shellcheck source=nbd.sh
+. "$SUITE_DIR/nbd.sh"
+
+WORK=$SUITE_WORK
+mkdir -p "$WORK"
+echo "kernel $(uname -r), $(nproc) CPUs, server $NBD_HOST:$NBD_PORT, device $NBD_DEV"
+SUITE_T0=$(now_cs)
+
+check attach-default attach_mode "" "" "$SIZE_DEFAULT"
+cleanup_if_failed attach-default
+check attach-named attach_mode "$EXPORT_XFS" "" "$SIZE_XFS"
+cleanup_if_failed attach-named
+check attach-bs4096 attach_mode "$EXPORT_XFS" "-b 4096" "$SIZE_XFS"
+cleanup_if_failed attach-bs4096
+check attach-multiconn4 attach_mode "$EXPORT_BTRFS" "-C 4" "$SIZE_BTRFS"
+cleanup_if_failed attach-multiconn4
+
+raw_checks "$EXPORT_RAW" ""
+
+# One attach mode per filesystem, so each mode also carries a full workload.
+fs_cycle ext4 "" "" "$TREE"
+fs_cycle xfs "$EXPORT_XFS" "-b 4096" "$TREE"
+fs_cycle btrfs "$EXPORT_BTRFS" "-C 4" "$TREE"
+
+echo "---- suite: $(elapsed_since "$SUITE_T0")"
+if [ "$FAILED" -gt 0 ]; then
+    echo "---- kernel log (nbd, block and filesystem lines, routine attach/detach lines left out)"
+    dmesg | grep -E "nbd|I/O error|EXT4-fs|XFS|BTRFS|blk_" |
+        grep -vE "NBD_DISCONNECT|Disconnected due to user request|shutting down sockets|detected capacity change" |
+        tail -n 40 | sed 's/^/    | /'
+fi
+summary
