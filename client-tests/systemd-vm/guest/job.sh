@@ -1,0 +1,175 @@
+#!/bin/sh
+# The test job inside the VM, run by vm-job.service with systemd as PID 1. It installs ramnbd
+# with systemd/install.sh, then drives the real units: socket activation, Type=notify,
+# attach (nbd-client), mkfs + mount, data, stop in order, re-attach, clean stop. Prints one
+# PASS/FAIL line per check, the journal of the units, and exits with the number of failures.
+S=/etc/sdvm
+PASSED=0
+FAILED=0
+export SYSTEMD_PAGER= SYSTEMD_COLORS=0 LC_ALL=C
+T0=$(cut -d' ' -f1 /proc/uptime)
+
+stamp() { awk -v t0="$T0" '{ printf "%5.1fs", $1 - t0 }' /proc/uptime; }
+pass() { echo "PASS: $* [$(stamp)]"; PASSED=$((PASSED + 1)); }
+fail() { echo "FAIL: $* [$(stamp)]"; FAILED=$((FAILED + 1)); }
+# check DESCRIPTION COMMAND...: PASS if the command succeeds; on failure show its output.
+check() {
+    desc=$1
+    shift
+    if "$@" >/tmp/check.out 2>&1; then
+        pass "$desc"
+    else
+        fail "$desc (exit $?: $*)"
+        tail -n 15 /tmp/check.out | sed 's/^/    | /'
+    fi
+}
+# since_cursor: a cursor for the journal as it is now.
+since_cursor() { journalctl -n 0 --show-cursor -o cat | sed -n 's/^-- cursor: //p'; }
+# journal_order FILE FIRST SECOND: in FILE (journal lines), FIRST appears before SECOND.
+journal_order() {
+    a=$(grep -n -m1 -F -- "$2" "$1" | cut -d: -f1)
+    b=$(grep -n -m1 -F -- "$3" "$1" | cut -d: -f1)
+    echo "'$2' at line ${a:-none}, '$3' at line ${b:-none}"
+    [ -n "$a" ] && [ -n "$b" ] && [ "$a" -lt "$b" ]
+}
+service_running() { systemctl is-active --quiet ramnbd.service; }
+# metric NAME{LABELS}: its value from the server's /metrics endpoint (bash's /dev/tcp).
+cat >/tmp/metric <<'SCRIPT'
+#!/bin/bash
+exec 3<>/dev/tcp/127.0.0.1/9109 || exit 1
+printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+tr -d '\r' <&3 | awk -v s="$1" '$1 == s { print $2 }'
+SCRIPT
+chmod 755 /tmp/metric
+
+echo "systemd-vm job: $(systemctl --version | head -n1), kernel $(uname -r)"
+# PID 1 logs notification messages (READY=1, STOPPING=1) at debug level only.
+systemd-analyze log-level debug
+
+check "install.sh installs the binary, the units and the config" \
+    sh "$S/systemd/install.sh" --bin "$S/ramnbd"
+check "ramnbd --check-config accepts the installed /etc/ramnbd/ramnbd.toml" \
+    /usr/local/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml
+check "turn on metrics in /etc/ramnbd/ramnbd.toml" \
+    sh -c 'sed -i "s|^# listen = \"127.0.0.1:9109\"|listen = \"127.0.0.1:9109\"|" /etc/ramnbd/ramnbd.toml &&
+           /usr/local/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml | grep -q "metrics: 127.0.0.1:9109"'
+check "systemctl enable --now ramnbd.socket" systemctl enable --now ramnbd.socket
+check "PID 1 listens on 127.0.0.1:10809 and /run/ramnbd/ramnbd.sock" \
+    sh -c 'ss -Hltn "sport = 10809" | grep -q 127.0.0.1:10809 && test -S /run/ramnbd/ramnbd.sock'
+check "ramnbd.service is not running before the first client" sh -c '! systemctl is-active --quiet ramnbd.service'
+
+# The mount pulls in ramnbd-mkfs@nbd0 -> ramnbd-attach@nbd0 -> (first connection) ramnbd.service.
+check "systemctl start mnt-ramdisk.mount (attach, mkfs, mount)" systemctl start mnt-ramdisk.mount
+check "ramnbd.service was started by the socket and is active" service_running
+check "ramnbd serves the 2 inherited sockets and binds nothing itself" \
+    sh -c 'journalctl -b -u ramnbd.service -o cat | grep "socket activation: serving the inherited sockets" | grep -q "sockets=2"'
+check "READY=1 and STATUS= reached PID 1 from ramnbd's main PID" \
+    sh -c 'journalctl -b -o cat | grep "ramnbd.service: Got notification message" | grep -q "READY=1"'
+check "STATUS= names the export and its size" \
+    sh -c 'systemctl show -P StatusText ramnbd.service | tee /dev/stderr | grep -qF "serving 1 export (\"scratch\" 4 GiB)"'
+check "the service runs as a dynamic user, not root" \
+    sh -c 'u=$(ps -o user= -p "$(systemctl show -P MainPID ramnbd.service)"); echo "user $u"; [ "$u" != root ]'
+check "its only capability is CAP_SYS_RESOURCE" \
+    sh -c 'pid=$(systemctl show -P MainPID ramnbd.service); [ "$pid" -gt 0 ] &&
+           grep -E "^Cap(Eff|Bnd)" /proc/$pid/status &&
+           [ "$(awk "/^CapEff/ { print \$2 }" /proc/$pid/status)" = 0000000001000000 ] &&
+           [ "$(awk "/^CapBnd/ { print \$2 }" /proc/$pid/status)" = 0000000001000000 ]'
+check "/dev/nbd0 is attached with 4 KiB blocks" \
+    sh -c 'test -e /sys/block/nbd0/pid && [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ]'
+check "/mnt/ramdisk is an ext4 file system on /dev/nbd0" \
+    sh -c 'findmnt -n -o SOURCE,FSTYPE /mnt/ramdisk | tee /dev/stderr | grep -q "/dev/nbd0 *ext4"'
+
+check "write 16 MiB and sync" \
+    sh -c 'dd if=/dev/urandom of=/mnt/ramdisk/data bs=1M count=16 status=none && sync && sha256sum /mnt/ramdisk/data >/tmp/data.sha256'
+check "read it back through the kernel after dropping caches" \
+    sh -c 'echo 3 >/proc/sys/vm/drop_caches && sha256sum -c /tmp/data.sha256'
+check "metrics: the sandboxed server counts writes and sees its resident RAM (mincore allowed)" \
+    sh -c 'w=$(/tmp/metric "ramnbd_requests_total{export=\"scratch\",command=\"write\"}");
+           r=$(/tmp/metric "ramnbd_export_resident_bytes{export=\"scratch\"}");
+           a=$(/tmp/metric "ramnbd_export_allocated_bytes{export=\"scratch\"}");
+           echo "writes=$w resident=$r allocated=$a";
+           [ "${w:-0}" -gt 0 ] && [ "${r:-0}" -ge 16777216 ] && [ "${a:-0}" -ge 16777216 ]'
+
+check "systemctl stop mnt-ramdisk.mount" systemctl stop mnt-ramdisk.mount
+check "systemctl stop ramnbd-attach@nbd0.service (nbd-client -d)" systemctl stop ramnbd-attach@nbd0.service
+check "/dev/nbd0 is detached" sh -c '! test -e /sys/block/nbd0/pid'
+check "the server keeps running with no client" service_running
+
+check "re-attach and re-mount: mkfs leaves the existing file system alone" systemctl start mnt-ramdisk.mount
+check "the data survived the detach (same server, same RAM)" sh -c 'sha256sum -c /tmp/data.sha256'
+check "journal: systemd-makefs saw the file system and skipped mkfs" \
+    sh -c 'journalctl -b -o cat | grep -q "/dev/nbd0.* is not empty"'
+
+# Mount at boot: the mount is WantedBy=remote-fs.target; starting that target is what boot does.
+check "systemctl stop mnt-ramdisk.mount ramnbd-attach@nbd0.service" \
+    systemctl stop mnt-ramdisk.mount ramnbd-attach@nbd0.service
+check "systemctl enable mnt-ramdisk.mount" systemctl enable mnt-ramdisk.mount
+check "starting remote-fs.target (as at boot) mounts /mnt/ramdisk" \
+    sh -c 'systemctl start remote-fs.target && findmnt /mnt/ramdisk >/dev/null && sha256sum -c /tmp/data.sha256'
+
+# Stopping everything in one transaction, as shutdown does (shutdown.target conflicts with
+# every unit): the ordering (After=) must unmount, then detach, then stop the server. Note:
+# `systemctl stop A B C` is not one transaction (one job per unit, each may start at once).
+mkdir -p /run/systemd/system
+cat >/run/systemd/system/sdvm-stop.target <<'UNIT'
+[Unit]
+Description=Stop the ramnbd stack in one transaction, like shutdown.target
+Conflicts=ramnbd.socket ramnbd.service ramnbd-attach@nbd0.service ramnbd-mkfs@nbd0.service mnt-ramdisk.mount
+UNIT
+systemctl daemon-reload
+CURSOR=$(since_cursor)
+check "one transaction stops server, socket, attach, mkfs and mount" \
+    systemctl start sdvm-stop.target
+# journald writes what it is sent asynchronously: wait for the transaction's last message.
+n=0
+until journalctl --after-cursor="$CURSOR" -o cat | grep -q "Closed ramnbd.socket" || [ $n -ge 50 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+journalctl --after-cursor="$CURSOR" -o short-monotonic --no-pager >/tmp/stop.txt
+journalctl --after-cursor="$CURSOR" -o short-monotonic --no-pager -p info >/tmp/stop-info.txt
+dmesg | grep -E "nbd|EXT4|JBD2|I/O error" >/tmp/dmesg.txt || true
+check "stop order: unmount before nbd-client -d" \
+    journal_order /tmp/stop.txt "Unmounted mnt-ramdisk.mount" "Executing: /usr/sbin/nbd-client -d /dev/nbd0"
+check "stop order: nbd-client -d finished before the server got SIGTERM" \
+    journal_order /tmp/stop.txt "ramnbd-attach@nbd0.service: Deactivated successfully" "SIGTERM received"
+check "no I/O error on /dev/nbd0 (the device never lost its server)" \
+    sh -c '! grep -E "I/O error|Dead connection|Receive control failed" /tmp/dmesg.txt'
+echo "---- the combined stop, from the journal ----"
+grep -E "ramnbd|nbd0|mnt-ramdisk" /tmp/stop-info.txt | head -n 40 | cut -c1-180
+echo "---- kernel messages about nbd0 ----"
+tail -n 20 /tmp/dmesg.txt
+check "STOPPING=1 reached PID 1" \
+    sh -c 'journalctl -b -o cat | grep "ramnbd.service: Got notification message" | grep -q "STOPPING=1"'
+check "ramnbd exited 0 after a clean stop" \
+    sh -c 'systemctl show -p ExecMainStatus -p ExecMainCode -p Result ramnbd.service >/tmp/show.txt; cat /tmp/show.txt; grep -qx ExecMainCode=1 /tmp/show.txt && grep -qx ExecMainStatus=0 /tmp/show.txt && grep -qx Result=success /tmp/show.txt'
+check "journal: the server said it stopped" \
+    sh -c 'journalctl -b -u ramnbd.service -o cat | grep -q "stopped"'
+check "ramnbd made itself an I/O flusher (no \"not an I/O flusher\" in the journal)" \
+    sh -c '! journalctl -b -u ramnbd.service -o cat | grep "not an I/O flusher"'
+check "journal: no warnings or errors from ramnbd" \
+    sh -c '! journalctl -b -u ramnbd.service -o cat -p warning | grep -v "^-- " | grep .'
+
+# Socket activation again: a new client gets a fresh (empty) disk.
+check "systemctl start ramnbd.socket; a new attach starts a fresh server" \
+    sh -c 'systemctl start ramnbd.socket && systemctl start ramnbd-attach@nbd0.service && systemctl is-active --quiet ramnbd.service'
+check "the fresh server's disk is empty (RAM contents do not survive a restart)" \
+    sh -c '[ -z "$(blkid -p /dev/nbd0)" ]'
+check "systemctl stop ramnbd-attach@nbd0.service ramnbd.service ramnbd.socket" \
+    systemctl stop ramnbd-attach@nbd0.service ramnbd.service ramnbd.socket
+
+# Leave the whole stack up for the poweroff: the host checks that the shutdown stopped it in
+# order (no I/O error on nbd0 on the console before SHUTDOWN-REACHED).
+check "mount again for the poweroff (socket, server, attach, mkfs, mount)" \
+    sh -c 'systemctl start ramnbd.socket mnt-ramdisk.mount && findmnt /mnt/ramdisk >/dev/null'
+echo "POWEROFF-WITH-STACK-UP"
+
+echo "---- journal of the units (ramnbd, attach, mkfs, mount) ----"
+journalctl -b -o short-monotonic --no-pager -p info \
+    -u ramnbd.socket -u ramnbd.service -u ramnbd-attach@nbd0.service -u ramnbd-mkfs@nbd0.service \
+    -u mnt-ramdisk.mount | tail -n 70 | cut -c1-200
+echo "---- notification messages seen by PID 1 ----"
+journalctl -b -o cat --no-pager | grep "ramnbd.service: Got notification message" | cut -c1-200
+echo "---- end of journal ----"
+echo "$PASSED passed, $FAILED failed"
+exit "$FAILED"
