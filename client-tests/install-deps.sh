@@ -15,12 +15,14 @@
 #   nbdkit                  the comparison server in benchmarks
 #   debootstrap             the systemd test VM's root filesystem
 #   cpio xz-utils zstd      building initramfs images and unpacking kernel packages
-#   procps util-linux       pgrep/ps, losetup/blkdiscard/mount
+#   procps util-linux mount iproute2   pgrep/ps, losetup/blkdiscard/prlimit/setpriv, mount, ss
+#   systemd                 systemd-analyze verify and systemd-socket-activate (unit tests)
+#   binutils                strip, to shrink the binary copied into the systemd VM
 set -euo pipefail
 
 packages=(nbd-client libnbd-bin python3-libnbd qemu-utils qemu-system-x86 busybox-static fio
           fuse3 e2fsprogs xfsprogs btrfs-progs socat nbdkit debootstrap cpio xz-utils zstd
-          procps util-linux)
+          procps util-linux mount iproute2 systemd binutils)
 
 missing=()
 for pkg in "${packages[@]}"; do
