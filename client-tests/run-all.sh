@@ -12,9 +12,10 @@ passed=0
 failed=0
 failed_steps=()
 
-# Runs one step, echoing its output, and adds its own "N passed, N failed" (or cargo's
-# "test result:" lines) to the totals; a step that exits non-zero without counting a failure
-# still counts as one.
+# Runs one step, echoing its output, and adds its counts to the totals: cargo's "test result:"
+# lines summed, or a script's last "N passed, N failed" line (its total; earlier such lines are
+# sub-totals, e.g. the guest's inside a VM run). A step that exits non-zero without counting a
+# failure still counts as one.
 step() {
     local name=$1
     shift
@@ -28,8 +29,8 @@ step() {
     local p f
     read -r p f < <(awk '
         /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
-        /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
-        END { print p + 0, f + 0 }' "$log")
+        /^[0-9]+ passed, [0-9]+ failed/ { last_p = $1; last_f = $3 }
+        END { print p + last_p, f + last_f }' "$log")
     rm -f "$log"
     if ((rc != 0 && f == 0)); then
         f=1

@@ -19,15 +19,7 @@ need nbdfuse libnbd-bin
 need fusermount3 fuse3
 need losetup mount
 need mountpoint util-linux
-need mkfs.ext4 e2fsprogs
-need e2fsck e2fsprogs
-need mkfs.xfs xfsprogs
-need xfs_repair xfsprogs
-need mkfs.btrfs btrfs-progs
-need btrfs btrfs-progs
-need_file "$BLKDISCARD" util-linux
-need_file "$BLOCKDEV" util-linux
-need_file "$FSTRIM" util-linux
+need_filesystem_tools
 need_file /dev/fuse "fuse3, and a kernel with FUSE: modprobe fuse"
 need_server
 

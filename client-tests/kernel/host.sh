@@ -61,6 +61,19 @@ prereqs_ok() {
     [[ ${#MISSING[@]} -eq 0 ]]
 }
 
+# need_filesystem_tools: what the shared checks run on a device, wherever it comes from.
+need_filesystem_tools() {
+    need mkfs.ext4 e2fsprogs
+    need e2fsck e2fsprogs
+    need mkfs.xfs xfsprogs
+    need xfs_repair xfsprogs
+    need mkfs.btrfs btrfs-progs
+    need btrfs btrfs-progs
+    need_file "$BLKDISCARD" util-linux
+    need_file "$BLOCKDEV" util-linux
+    need_file "$FSTRIM" util-linux
+}
+
 need_server() {
     need nbdinfo libnbd-bin
     need ss iproute2

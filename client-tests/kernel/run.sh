@@ -22,16 +22,8 @@ fi
 # shellcheck source=host.sh
 . "$KDIR/host.sh"
 need nbd-client nbd-client
-need mkfs.ext4 e2fsprogs
-need e2fsck e2fsprogs
-need mkfs.xfs xfsprogs
-need xfs_repair xfsprogs
-need mkfs.btrfs btrfs-progs
-need btrfs btrfs-progs
+need_filesystem_tools
 need taskset util-linux
-need_file "$BLKDISCARD" util-linux
-need_file "$BLOCKDEV" util-linux
-need_file "$FSTRIM" util-linux
 need_server
 
 if [[ -z ${NBD_DEV:-} ]]; then

@@ -31,15 +31,7 @@ need qemu-system-x86_64 qemu-system-x86
 need socat socat
 need_file /bin/busybox busybox-static
 need nbd-client nbd-client
-need mkfs.ext4 e2fsprogs
-need e2fsck e2fsprogs
-need mkfs.xfs xfsprogs
-need xfs_repair xfsprogs
-need mkfs.btrfs btrfs-progs
-need btrfs btrfs-progs
-need_file "$BLKDISCARD" util-linux
-need_file "$BLOCKDEV" util-linux
-need_file "$FSTRIM" util-linux
+need_filesystem_tools
 need apt-get apt
 need dpkg-deb dpkg
 need xz xz-utils
