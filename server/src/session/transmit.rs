@@ -35,6 +35,18 @@ const RECEIVE_BUFFER: usize = 256 * 1024;
 /// Replies are encoded until this many bytes wait to be sent.
 const SEND_BATCH: usize = 256 * 1024;
 
+/// Room reserved for the send buffer's alignment pad.
+const ALIASING_PAD_SPAN: usize = 4096;
+
+/// Bytes to leave unused at the start of the send buffer so that the replies begin about 2 KiB
+/// into a page. The store's pages are page-aligned, and a copy whose destination sits just
+/// after its source modulo 4 KiB stalls on "4K aliasing" (the CPU takes loads to depend on the
+/// stores just made): a page-aligned send buffer halved 1 MiB READ throughput.
+fn aliasing_pad(buffer: *const u8) -> usize {
+    const TARGET: usize = 2048;
+    (TARGET + ALIASING_PAD_SPAN - buffer as usize % ALIASING_PAD_SPAN) % ALIASING_PAD_SPAN
+}
+
 /// What one connection did, for its closing log line.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -83,8 +95,11 @@ struct Connection<'a> {
     received: BytesMut,
     /// Payload bytes of a refused oversized request still to be skipped.
     skip: u64,
+    /// Replies waiting to be written, after `pad` unused bytes.
     send: Vec<u8>,
-    /// Bytes of `send` already written.
+    /// Leading bytes of `send` that are never written: see [`aliasing_pad`].
+    pad: usize,
+    /// Bytes of `send` already written (or skipped, the pad).
     sent: usize,
     /// The part of a READ reply's data not yet copied into `send`: (offset, length).
     read_tail: Option<(u64, u64)>,
@@ -123,13 +138,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut send = Vec::with_capacity(2 * SEND_BATCH + ALIASING_PAD_SPAN);
+    let pad = aliasing_pad(send.as_ptr());
+    send.resize(pad, 0);
     let mut conn = Connection {
         mode: negotiated.reply_mode(),
         negotiated: &negotiated,
         received: BytesMut::with_capacity(RECEIVE_BUFFER),
         skip: 0,
-        send: Vec::with_capacity(2 * SEND_BATCH),
-        sent: 0,
+        send,
+        pad,
+        sent: pad,
         read_tail: None,
         draining: false,
         stats: Stats::default(),
@@ -211,7 +230,7 @@ impl Connection<'_> {
     fn sent(&mut self, written: usize) {
         self.sent += written;
         if let Some(metrics) = self.metrics {
-            let sent_through = self.send_base + self.sent as u64;
+            let sent_through = self.send_base + (self.sent - self.pad) as u64;
             let mut now = None;
             while let Some(meter) = self.unsent_meters.front() {
                 if meter.reply_end > sent_through {
@@ -228,9 +247,9 @@ impl Connection<'_> {
             }
         }
         if self.sent == self.send.len() {
-            self.send_base += self.send.len() as u64;
-            self.send.clear();
-            self.sent = 0;
+            self.send_base += (self.send.len() - self.pad) as u64;
+            self.send.truncate(self.pad);
+            self.sent = self.pad;
         }
     }
 
@@ -245,7 +264,7 @@ impl Connection<'_> {
             length: request.length,
             failed,
             arrived: self.received_at.unwrap_or_else(Instant::now),
-            reply_end: self.send_base + self.send.len() as u64 + tail,
+            reply_end: self.send_base + (self.send.len() - self.pad) as u64 + tail,
         });
     }
 
