@@ -32,6 +32,8 @@ use crate::shutdown::{DRAIN_IDLE, LINGER, Phase, Shutdown};
 
 /// Receive buffer size for ordinary traffic; grows to one maximum request when needed.
 const RECEIVE_BUFFER: usize = 256 * 1024;
+/// A receive buffer grown beyond this by a large request is replaced once it is empty.
+const RECEIVE_BUFFER_KEPT: usize = 4 * 1024 * 1024 + 64;
 /// Replies are encoded until this many bytes wait to be sent.
 const SEND_BATCH: usize = 256 * 1024;
 
@@ -336,8 +338,10 @@ impl Connection<'_> {
                     execute(self.negotiated, &request, &self.received[header_len..total])
                 };
                 self.received.advance(total);
-                if self.received.is_empty() && self.received.capacity() > 2 * RECEIVE_BUFFER {
-                    // A maximum-size request grew the buffer; give that memory back.
+                if self.received.is_empty() && self.received.capacity() > RECEIVE_BUFFER_KEPT {
+                    // A very large request grew the buffer; give that memory back. Buffers for
+                    // ordinary large I/O (1-4 MiB) are kept: reallocating one per request
+                    // costs more than the copy it holds.
                     self.received = BytesMut::with_capacity(RECEIVE_BUFFER);
                 }
                 completion
