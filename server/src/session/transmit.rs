@@ -213,7 +213,9 @@ where
                 tracing::debug!("shutdown: answering further requests with ESHUTDOWN");
                 conn.draining = true;
             }
-            () = tokio::time::sleep(DRAIN_IDLE), if receive && conn.draining && !unsent => {
+            // In an async block so the timer (and its clock read) is only made when this
+            // branch is enabled: select! builds every branch's future on every turn.
+            () = async { tokio::time::sleep(DRAIN_IDLE).await }, if receive && conn.draining && !unsent => {
                 tracing::debug!("shutdown: client idle, closing");
                 end_of_input = true;
             }
