@@ -34,6 +34,9 @@ MKFS_ROWS = {"mkfs.ext4": []}
 
 
 def rss(pid):
+    """VmRSS of `pid`, half a second after the last client left, so each server has finished
+    tearing the connection down."""
+    time.sleep(0.5)
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):

@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<ExitCode> {
         }
     };
     init_logging(config.log_level.as_deref())?;
+    ramnbd::ramdisk::return_large_buffers_to_kernel();
     // Threads inherit the flag, so this comes before the runtime starts them.
     if let Err(err) = ramnbd::ramdisk::set_io_flusher() {
         tracing::info!(

@@ -671,16 +671,17 @@ pub fn set_io_flusher() -> io::Result<()> {
     }
 }
 
-/// Hands memory the C allocator holds but no longer uses back to the kernel (`malloc_trim`).
-/// A connection's receive and send buffers are the server's only large heap allocations; when
-/// it closes, glibc keeps them in its per-thread arenas, so an idle RAM disk would hold
-/// megabytes it does not use. Called as each connection ends. (Serving every large buffer from
-/// its own mapping instead, with `M_MMAP_THRESHOLD`, halves 1 MiB read throughput: page-aligned
-/// send buffers make the copy from the page-aligned store hit 4 KiB aliasing.)
-pub fn return_freed_heap_to_kernel() {
-    // SAFETY: malloc_trim only releases free memory inside the allocator; it is thread-safe and
-    // touches no memory a caller owns.
-    unsafe { libc::malloc_trim(0) };
+/// Makes the C allocator serve buffers of 128 KiB and more from their own mappings, which go
+/// back to the kernel the moment they are freed. A connection's receive and send buffers are
+/// the server's only large heap allocations; with glibc's default adaptive threshold they end
+/// up in per-thread arenas that keep the memory after the connection closes (`malloc_trim`
+/// does not shrink those below the trim threshold either), so an idle RAM disk would hold
+/// megabytes it does not use. Call before other threads start. (The send buffer's alignment
+/// pad in `session::transmit` keeps page-aligned buffers from slowing the copies.)
+pub fn return_large_buffers_to_kernel() {
+    // SAFETY: mallopt only changes allocator tuning and is called before any other thread
+    // exists, so no allocation races with it.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
 }
 
 /// Fast all-zero test: OR-folding fixed blocks vectorises well, and random data exits at the

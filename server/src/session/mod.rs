@@ -54,6 +54,4 @@ pub async fn serve<R, W>(
         Ok(stats) => tracing::info!(requests = stats.requests, "connection closed"),
         Err(err) => tracing::info!(cause = %err, "connection dropped"),
     }
-    // The connection's buffers are freed by now; let the allocator return them.
-    crate::ramdisk::return_freed_heap_to_kernel();
 }

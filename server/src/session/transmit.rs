@@ -43,7 +43,8 @@ const ALIASING_PAD_SPAN: usize = 4096;
 /// Bytes to leave unused at the start of the send buffer so that the replies begin about 2 KiB
 /// into a page. The store's pages are page-aligned, and a copy whose destination sits just
 /// after its source modulo 4 KiB stalls on "4K aliasing" (the CPU takes loads to depend on the
-/// stores just made): a page-aligned send buffer halved 1 MiB READ throughput.
+/// stores just made): a page-aligned send buffer (large buffers are mmap'd, see
+/// `ramdisk::return_large_buffers_to_kernel`) halved 1 MiB READ throughput.
 fn aliasing_pad(buffer: *const u8) -> usize {
     const TARGET: usize = 2048;
     (TARGET + ALIASING_PAD_SPAN - buffer as usize % ALIASING_PAD_SPAN) % ALIASING_PAD_SPAN
