@@ -326,3 +326,40 @@ fn block_status_matches_a_model_after_random_writes_zeroes_and_trims() {
         .collect();
     assert_eq!(from_nbdinfo, expected, "nbdinfo --map:\n{map}");
 }
+
+#[test]
+fn hugepages_back_written_data_with_transparent_huge_pages() {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .expect("this kernel has no transparent huge pages");
+    assert!(
+        !thp.contains("[never]"),
+        "THP is disabled on this host ({thp}); --hugepages cannot be tested"
+    );
+    let server = Server::start(&["--hugepages", "-s", "1G"]);
+    let mut client = Negotiate::new("").go(&server.unix());
+    let huge = |server: &Server| {
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{}/smaps_rollup", server.pid())).unwrap();
+        let line = rollup
+            .lines()
+            .find(|l| l.starts_with("AnonHugePages:"))
+            .unwrap()
+            .to_owned();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    write_chunks(&mut client, 0, 16 * MIB, |i| random_bytes(i, MIB as usize));
+    assert!(
+        huge(&server) >= 8 * MIB,
+        "only {} KiB in huge pages",
+        huge(&server) / 1024
+    );
+    // TRIM of whole huge pages gives them back.
+    client.trim(0, 16 * MIB).expect("trim");
+    assert_eq!(huge(&server), 0, "huge pages left after trimming them");
+    assert_reads(&mut client, 0, &vec![0; MIB as usize], "trimmed");
+}
