@@ -168,20 +168,23 @@ fn install_script_places_binary_units_and_config() {
     let root = dir.path();
     let prefix = root.join("usr");
     let units = root.join("units");
-    run_ok(
-        workspace_root().join("systemd/install.sh"),
-        &[
-            "--bin",
-            ramnbd_bin().to_str().unwrap(),
-            "--prefix",
-            prefix.to_str().unwrap(),
-            "--sysconfdir",
-            root.join("etc").to_str().unwrap(),
-            "--unitdir",
-            units.to_str().unwrap(),
-            "--no-reload",
-        ],
-    );
+    let install = || {
+        run_ok(
+            workspace_root().join("systemd/install.sh"),
+            &[
+                "--bin",
+                ramnbd_bin().to_str().unwrap(),
+                "--prefix",
+                prefix.to_str().unwrap(),
+                "--sysconfdir",
+                root.join("etc").to_str().unwrap(),
+                "--unitdir",
+                units.to_str().unwrap(),
+                "--no-reload",
+            ],
+        )
+    };
+    install();
     let installed = prefix.join("bin/ramnbd");
     assert!(installed.is_file());
     let config = root.join("etc/ramnbd/ramnbd.toml");
@@ -207,20 +210,7 @@ fn install_script_places_binary_units_and_config() {
 
     // A second run keeps an existing (edited) configuration.
     fs::write(&config, "# edited\n").unwrap();
-    let out = run_ok(
-        workspace_root().join("systemd/install.sh"),
-        &[
-            "--bin",
-            ramnbd_bin().to_str().unwrap(),
-            "--prefix",
-            prefix.to_str().unwrap(),
-            "--sysconfdir",
-            root.join("etc").to_str().unwrap(),
-            "--unitdir",
-            units.to_str().unwrap(),
-            "--no-reload",
-        ],
-    );
+    let out = install();
     assert!(out.contains("kept the existing"), "{out}");
     assert_eq!(fs::read_to_string(&config).unwrap(), "# edited\n");
 }
