@@ -97,6 +97,30 @@ fn writes_read_back_byte_exact_at_start_middle_and_end() {
 }
 
 #[test]
+fn extended_write_payload_is_its_length_with_or_without_payload_len() {
+    // qemu >= 8.2 sends extended WRITEs without PAYLOAD_LEN, libnbd >= 1.18 with it; either way
+    // `length` bytes of payload follow the header. (This test sends both on one connection, so a
+    // server that read the unflagged payload as the next header would drop out of sync.)
+    let server = server("64M");
+    let mut client = connect(&server, ReplyMode::Extended);
+    let plain = random_bytes(7, 64 * KIB as usize);
+    let flagged = random_bytes(8, 64 * KIB as usize);
+    let fua = random_bytes(9, 4 * KIB as usize);
+    for (offset, data, flags) in [
+        (0, &plain, 0),
+        (MIB, &flagged, CMD_FLAG_PAYLOAD_LEN),
+        (2 * MIB, &fua, CMD_FLAG_FUA),
+    ] {
+        let response = client.roundtrip(&Request::write(offset, data).exact_flags(flags));
+        assert_single_reply(&response, ReplyMode::Extended, REPLY_TYPE_NONE, 0);
+    }
+    assert_eq!(client.read(0, 64 * KIB), Ok(plain));
+    assert_eq!(client.read(MIB, 64 * KIB), Ok(flagged));
+    assert_eq!(client.read(2 * MIB, 4 * KIB), Ok(fua));
+    assert_in_sync(&mut client);
+}
+
+#[test]
 fn replies_use_the_negotiated_format() {
     let server = server("64M");
     for mode in MODES {

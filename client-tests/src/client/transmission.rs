@@ -40,7 +40,7 @@ pub struct Request {
     /// Bytes sent right after the header.
     pub payload: Vec<u8>,
     /// Send `flags` exactly; otherwise PAYLOAD_LEN is added under extended headers for a WRITE or
-    /// any request with a payload.
+    /// any request with a payload, as libnbd does.
     pub exact_flags: bool,
     /// `None`: per negotiation.
     pub header: Option<HeaderStyle>,
@@ -148,8 +148,9 @@ impl Request {
             && !self.exact_flags
             && (self.ty == CMD_WRITE || !self.payload.is_empty())
         {
-            // "A payload is present iff NBD_CMD_FLAG_PAYLOAD_LEN is set", and WRITE MUST set it
-            // (even for an empty payload).
+            // libnbd's way: PAYLOAD_LEN on every request with a payload. The flag is optional
+            // on WRITE (qemu omits it; tests send that with `exact_flags`) and required on any
+            // other request that carries a payload.
             flags |= CMD_FLAG_PAYLOAD_LEN;
         }
         let mut header = Vec::with_capacity(32);

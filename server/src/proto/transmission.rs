@@ -32,8 +32,10 @@ pub enum Decoded {
 }
 
 /// Decodes the header at the start of `buf`. With extended headers only the 32-byte form is
-/// valid, and the payload is present exactly when `PAYLOAD_LEN` is set; in the compact form only
-/// WRITE carries a payload, of `length` bytes.
+/// valid. A WRITE always carries `length` bytes of payload, in both forms and whether or not
+/// `PAYLOAD_LEN` is set (qemu ≥ 8.2 never sets it on writes, libnbd ≥ 1.18 always does); any
+/// other extended request carries a payload of `length` bytes exactly when it sets
+/// `PAYLOAD_LEN`, and its length is otherwise an effect length.
 pub fn decode_request(buf: &[u8], extended: bool) -> Decoded {
     let (expected_magic, header_len) = if extended {
         (EXTENDED_REQUEST_MAGIC, EXTENDED_HEADER_LEN)
@@ -55,14 +57,8 @@ pub fn decode_request(buf: &[u8], extended: bool) -> Decoded {
     let offset = be64(16);
     let (length, payload_len) = if extended {
         let length = be64(24);
-        (
-            length,
-            if flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-                length
-            } else {
-                0
-            },
-        )
+        let has_payload = command == CMD_WRITE || flags & CMD_FLAG_PAYLOAD_LEN != 0;
+        (length, if has_payload { length } else { 0 })
     } else {
         let length = u64::from(be32(24));
         (length, if command == CMD_WRITE { length } else { 0 })
@@ -262,11 +258,39 @@ mod tests {
         ));
     }
 
+    fn extended(flags: u16, command: u16, length: u64) -> Vec<u8> {
+        let mut v = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&command.to_be_bytes());
+        v.extend_from_slice(&9u64.to_be_bytes());
+        v.extend_from_slice(&0u64.to_be_bytes());
+        v.extend_from_slice(&length.to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn extended_write_carries_its_length_with_or_without_payload_len() {
+        // qemu >= 8.2 sends WRITE without PAYLOAD_LEN, libnbd >= 1.18 with it: same payload.
+        for flags in [0, CMD_FLAG_PAYLOAD_LEN, CMD_FLAG_FUA] {
+            let v = extended(flags, CMD_WRITE, 1 << 20);
+            let Decoded::Request { request, .. } = decode_request(&v, true) else {
+                panic!()
+            };
+            assert_eq!(request.payload_len, 1 << 20, "flags {flags:#x}");
+        }
+        // Other commands: the length is an effect length unless PAYLOAD_LEN says otherwise.
+        let v = extended(0, CMD_WRITE_ZEROES, 1 << 40);
+        let Decoded::Request { request, .. } = decode_request(&v, true) else {
+            panic!()
+        };
+        assert_eq!((request.length, request.payload_len), (1 << 40, 0));
+    }
+
     #[test]
     fn extended_payload_follows_the_flag() {
         let mut v = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
         v.extend_from_slice(&CMD_FLAG_PAYLOAD_LEN.to_be_bytes());
-        v.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        v.extend_from_slice(&CMD_BLOCK_STATUS.to_be_bytes());
         v.extend_from_slice(&9u64.to_be_bytes());
         v.extend_from_slice(&0u64.to_be_bytes());
         v.extend_from_slice(&(1u64 << 33).to_be_bytes());

@@ -447,9 +447,6 @@ fn try_execute(
             })
         }
         CMD_WRITE => {
-            if negotiated.extended && flags & CMD_FLAG_PAYLOAD_LEN == 0 {
-                return Err(Failure(Errno::Inval, "extended WRITE without PAYLOAD_LEN"));
-            }
             check_writable(export)?;
             check_range(export, offset, length, Errno::NoSpc)?;
             export.disk.write(offset, payload).map_err(over_cap)?;
