@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README's second set-up command and CI run it:
-#   lint -> build -> Rust unit and integration tests (raw client, nbd crate, libnbd, qemu, fio)
+#   lint -> build -> Debian 13 client folder -> Rust unit and integration tests (raw client, nbd
+#   crate, and libnbd, qemu, fio of both Debian 12 and Debian 13)
 #   -> filesystems over nbdfuse + loop -> the kernel's nbd-client in a VM -> systemd in a VM.
 # Installs missing Debian packages first. A missing prerequisite is a failure, never a skip.
 # The last line is the total: "N passed, N failed".
@@ -46,6 +47,9 @@ client-tests/install-deps.sh || { echo "installing dependencies failed"; echo "0
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 step build cargo build --release --locked -p ramnbd
+# Debian 13's clients (libnbd 1.22, qemu 10.0, fio 3.39, nbdkit 1.42, nbd-client 3.26), built once
+# and cached in client-tests/.cache: every libnbd, qemu and fio test runs with both generations.
+step trixie-clients client-tests/trixie/build.sh
 # The integration tests and the scripts all drive this one optimised binary.
 export RAMNBD_BIN=$repo/target/release/ramnbd
 step cargo-test cargo test --workspace --locked
