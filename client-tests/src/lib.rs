@@ -8,6 +8,7 @@
 //! * [`client`]: a raw, blocking NBD client for byte-exact and malformed-input tests, with
 //!   pipelining and compact/extended headers.
 //! * [`proto`]: wire constants, written independently of the server's.
+//! * [`scrape`]: the server's `/metrics` endpoint, read back.
 //! * [`tools`]: external clients (`require_tool`, running a command and reporting its output),
 //!   random data.
 //!
@@ -16,6 +17,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod scrape;
 pub mod server;
 pub mod tools;
 

@@ -321,13 +321,15 @@ impl Server {
         }
     }
 
-    fn signal(&self, signal: Signal) {
+    /// Sends `signal` to the server (which may already have exited).
+    pub fn signal(&self, signal: Signal) {
         let pid = Pid::from_raw(self.pid() as i32).expect("a child pid is positive");
         // ESRCH only means it already exited; try_wait will report that.
         let _ = kill_process(pid, signal);
     }
 
-    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    /// Waits up to `timeout` for the server to exit; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("poll the server process") {

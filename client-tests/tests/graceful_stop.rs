@@ -378,3 +378,60 @@ fn idle_connections_close_promptly() {
         assert!(client.closed_within(Duration::from_secs(1)));
     }
 }
+
+/// Starts a server with a long grace period and a client that floods READs without reading
+/// the replies, so the server's session is stuck writing to it. Returns when the stuck
+/// connection has filled its socket.
+fn server_with_a_client_that_does_not_read() -> (Server, RawClient) {
+    let server = Server::start(&["--no-config", "-s", "64M", "--shutdown-grace", "60s"]);
+    let mut client = Negotiate::new("").go(&server.unix());
+    let requests: Vec<Request> = (0..400).map(|_| Request::read(0, MIB)).collect();
+    client.writer.send_all(&requests);
+    thread::sleep(Duration::from_millis(300));
+    (server, client)
+}
+
+#[test]
+fn a_second_signal_ends_the_stop_even_when_a_client_does_not_read() {
+    // The session cannot send what it has queued; after the second signal the server waits
+    // at most a second for it (shutdown::CLOSE_FLUSH), not the rest of the 60 s grace period.
+    let (mut server, _client) = server_with_a_client_that_does_not_read();
+    server.signal(Signal::TERM);
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.is_running(),
+        "still within the grace period after one signal"
+    );
+    let second = Instant::now();
+    server.signal(Signal::TERM);
+    let status = server
+        .wait_timeout(Duration::from_secs(5))
+        .expect("the server exits within 5 s of the second signal");
+    assert!(status.success(), "{status}");
+    assert!(
+        second.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        second.elapsed()
+    );
+    assert!(!server.unix_path().exists(), "the socket file is removed");
+}
+
+#[test]
+fn a_third_signal_exits_at_once() {
+    let (mut server, _client) = server_with_a_client_that_does_not_read();
+    server.signal(Signal::TERM);
+    thread::sleep(Duration::from_millis(200));
+    server.signal(Signal::INT);
+    thread::sleep(Duration::from_millis(50));
+    let third = Instant::now();
+    server.signal(Signal::TERM);
+    let status = server
+        .wait_timeout(Duration::from_secs(5))
+        .expect("the server exits after the third signal");
+    assert!(status.success(), "{status}");
+    assert!(
+        third.elapsed() < Duration::from_millis(700),
+        "exited {:?} after the third signal, not at once",
+        third.elapsed()
+    );
+}

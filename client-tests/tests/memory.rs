@@ -93,3 +93,43 @@ fn write_zeroes_also_returns_memory() {
         start / MIB
     );
 }
+
+#[test]
+fn sixty_four_writes_stalled_near_their_end_hold_little_memory() {
+    // 64 connections each send a 32 MiB WRITE and 31 MiB of its payload, then stall. The
+    // server applies a payload as it arrives and buffers at most about 1 MiB per connection,
+    // so it does not hold 64 requests' worth (2 GiB). The payload is zeroes, which the store
+    // does not keep, so RSS shows only what the connections buffer.
+    let server = Server::start(&["-s", "4G"]);
+    let start = server.rss_bytes();
+    let len = 32 * MIB;
+    let zeroes = vec![0u8; len as usize];
+    let mut stalled = Vec::new();
+    for i in 0..64 {
+        let mut client = Negotiate::new("").go(&server.unix());
+        let partial =
+            Request::write(i * len, &zeroes).payload(zeroes[..31 * MIB as usize].to_vec());
+        let cookie = client.send(&partial);
+        stalled.push((client, cookie));
+    }
+    // Sending returned once the server had taken all but a socket buffer's worth.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let held = server.rss_bytes();
+    eprintln!(
+        "RSS: start {} KiB, with 64 writes stalled 31 MiB into 32 MiB: {} KiB",
+        start / 1024,
+        held / 1024
+    );
+    assert!(
+        held < start + 128 * MIB,
+        "64 stalled writes hold {} MiB",
+        (held - start) / MIB
+    );
+    // Other clients are served meanwhile, and a stalled write that resumes completes.
+    let mut other = Negotiate::new("").go(&server.tcp());
+    other.write(3 * 1024 * MIB, b"alive").expect("write");
+    assert_eq!(other.read(3 * 1024 * MIB, 5), Ok(b"alive".to_vec()));
+    let (first, cookie) = &mut stalled[0];
+    first.send_raw(&zeroes[..MIB as usize]);
+    assert_eq!(first.wait(*cookie).result(), Ok(()));
+}

@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 
 use nbd::client::{NbdClient, NbdExt, handshake};
+use ramnbd_client_tests::scrape::{scrape, value};
 use ramnbd_client_tests::{KIB, MIB, Server, random_bytes};
 
 #[test]
@@ -59,4 +60,36 @@ fn nbd_crate_sees_the_end_of_the_export_over_unix() {
     let mut tail = Vec::new();
     client.read_to_end(&mut tail).expect("read to the end");
     assert_eq!(tail, b"\0\0\0\0\0\0\0end");
+}
+
+#[test]
+fn nbd_crate_round_trips_48_mib_in_single_requests() {
+    // EXPORT_NAME clients never see the advertised 32 MiB maximum; the crate sends each write
+    // and read as one request of the whole buffer. The server counts what it received.
+    let server = Server::start(&["-s", "128M", "--metrics", "127.0.0.1:0"]);
+    let mut unix = UnixStream::connect(server.unix_path()).expect("connect");
+    let export = handshake(&mut unix, b"").expect("EXPORT_NAME handshake");
+    let mut client = NbdClient::new(&mut unix, &export);
+    let data = random_bytes(48, 48 * MIB as usize);
+    client.seek(SeekFrom::Start(MIB + 5)).expect("seek");
+    client.write_all(&data).expect("a 48 MiB write");
+    let mut back = vec![0u8; data.len()];
+    client.seek(SeekFrom::Start(MIB + 5)).expect("seek");
+    client.read_exact(&mut back).expect("a 48 MiB read");
+    assert!(back == data, "48 MiB read back differs");
+
+    let body = scrape(&server);
+    for command in ["write", "read"] {
+        let series = |name| format!("{name}{{export=\"\",command=\"{command}\"}}");
+        assert_eq!(
+            value(&body, &series("ramnbd_requests_total")),
+            1.0,
+            "{command}"
+        );
+        assert_eq!(
+            value(&body, &series("ramnbd_request_bytes_total")),
+            (48 * MIB) as f64,
+            "{command}: one request of 48 MiB"
+        );
+    }
 }

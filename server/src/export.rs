@@ -5,7 +5,6 @@ use std::io;
 use std::sync::Arc;
 
 use crate::config::{ExportConfig, MemoryConfig};
-use crate::proto::consts::*;
 use crate::ramdisk::{MemoryBudget, MemoryOptions, RamDisk};
 
 /// One named export: a RAM region plus the attributes clients see.
@@ -43,29 +42,6 @@ impl Export {
 
     pub fn size(&self) -> u64 {
         self.disk.size()
-    }
-
-    /// Transmission flags. Everything a RAM disk does natively is advertised: FLUSH and FUA are
-    /// free (writes are in RAM when replied), TRIM and WRITE_ZEROES release pages, zeroing is
-    /// always fast, CACHE is a no-op, and every connection sees one mapping, so multi-conn is
-    /// safe. DF only makes sense (and is only allowed) with structured replies. Never
-    /// ROTATIONAL.
-    pub fn transmission_flags(&self, structured: bool) -> u16 {
-        let mut flags = TFLAG_HAS_FLAGS
-            | TFLAG_SEND_FLUSH
-            | TFLAG_SEND_FUA
-            | TFLAG_SEND_TRIM
-            | TFLAG_SEND_WRITE_ZEROES
-            | TFLAG_CAN_MULTI_CONN
-            | TFLAG_SEND_CACHE
-            | TFLAG_SEND_FAST_ZERO;
-        if structured {
-            flags |= TFLAG_SEND_DF;
-        }
-        if self.read_only {
-            flags |= TFLAG_READ_ONLY;
-        }
-        flags
     }
 }
 

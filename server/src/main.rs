@@ -13,7 +13,7 @@ use ramnbd::config::{Config, ListenAddr, format_size};
 use ramnbd::export::Exports;
 use ramnbd::metrics::{self, Metrics};
 use ramnbd::server::{self, ServeOptions};
-use ramnbd::shutdown::Shutdown;
+use ramnbd::shutdown::{Phase, Shutdown};
 use ramnbd::systemd::{self, Inherited};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -34,9 +34,13 @@ fn main() -> anyhow::Result<ExitCode> {
         }
     };
     init_logging(config.log_level.as_deref())?;
-    ramnbd::ramdisk::return_large_buffers_to_kernel();
-    // Threads inherit the flag, so this comes before the runtime starts them.
-    if let Err(err) = ramnbd::ramdisk::set_io_flusher() {
+    // Marks this process as an I/O flusher: its memory allocations never wait on I/O, and it
+    // is not throttled by dirty-page writeback. Why: when the kernel's NBD client for this
+    // server runs on the same host, reclaim may need to write dirty pages *to our device*; if
+    // serving that write needed reclaim that waits on our device's writeback, the two would
+    // wait on each other forever. Threads inherit the flag, so this comes before the runtime
+    // starts them. Needs CAP_SYS_RESOURCE.
+    if let Err(err) = rustix::process::configure_io_flusher_behavior(true) {
         tracing::info!(
             cause = %err,
             "not an I/O flusher (PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE); this only matters \
@@ -120,6 +124,32 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGTERM and SIGINT move the stop on one phase each (see `ramnbd::shutdown`): the first
+/// stops accepting and lets requests in flight finish, the second closes connections after
+/// their queued replies, the third drops whatever is left at once.
+fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = sigterm.recv() => "SIGTERM",
+                _ = sigint.recv() => "SIGINT",
+            };
+            match shutdown.escalate() {
+                Phase::Running => {}
+                Phase::Stopping => {
+                    tracing::info!("{name} received");
+                    systemd::stopping("stopping: finishing requests in flight");
+                }
+                Phase::Closing => tracing::info!("{name} again: closing connections now"),
+                Phase::Aborting => tracing::info!("{name} a third time: exiting now"),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// One log line with what the exports hold and the cap, so RAM use is visible without metrics.
 fn log_memory(exports: &Exports, what: &str) {
     let (held, cap) = exports.memory_usage();
@@ -130,6 +160,10 @@ fn log_memory(exports: &Exports, what: &str) {
 }
 
 async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Result<()> {
+    // Signals first: a stop requested while exports are created or sockets bound still stops
+    // cleanly (Unix socket files removed, exit 0) instead of killing the process half set up.
+    let shutdown = Shutdown::new();
+    spawn_signal_handler(shutdown.clone())?;
     if let Some(path) = &config.source {
         tracing::info!(config = %path.display(), "configuration loaded");
     }
@@ -178,26 +212,6 @@ async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Resul
     for listener in &listeners {
         tracing::info!("listening on {}", listener.describe());
     }
-
-    let shutdown = Shutdown::new(CancellationToken::new());
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM received"),
-            _ = sigint.recv() => tracing::info!("SIGINT received"),
-        }
-        systemd::stopping("stopping: finishing requests in flight");
-        on_signal.stop();
-        // A second signal skips the rest of the grace period.
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-        tracing::info!("second signal: closing connections now");
-        on_signal.close();
-    });
 
     // Every listener is up: tell systemd (Type=notify) and say what is served.
     let served: Vec<String> = listeners.iter().map(|l| l.describe()).collect();

@@ -16,15 +16,16 @@ use crate::config::ListenAddr;
 use crate::export::Exports;
 use crate::metrics::Metrics;
 use crate::session;
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::{self, CLOSE_FLUSH, Phase, Shutdown};
 use crate::systemd::{Inherited, InheritedSocket};
 
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
-    /// The path is removed again when the server stops.
-    Unix(UnixListener, PathBuf),
+    /// The path is removed when the listener is dropped: when the server stops, and on every
+    /// error path after binding.
+    Unix(UnixListener, SocketFile),
     /// Inherited from the service manager (socket activation): the socket and its path belong
     /// to the `.socket` unit, so the path is left in place.
     UnixInherited(UnixListener, PathBuf),
@@ -38,10 +39,21 @@ impl Listener {
                 Ok(addr) => format!("tcp {addr}"),
                 Err(_) => "tcp (unknown address)".to_owned(),
             },
-            Listener::Unix(_, path) | Listener::UnixInherited(_, path) => {
+            Listener::Unix(_, SocketFile(path)) | Listener::UnixInherited(_, path) => {
                 format!("unix {}", path.display())
             }
         }
+    }
+}
+
+/// The path of a Unix socket this server bound; removing it when dropped means no error path
+/// leaves a dead socket file behind.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -85,7 +97,7 @@ pub async fn bind(addrs: &[ListenAddr]) -> io::Result<Vec<Listener>> {
                 let listener = UnixListener::bind(path).map_err(|err| {
                     io::Error::new(err.kind(), format!("listen on {}: {err}", path.display()))
                 })?;
-                Listener::Unix(listener, path.clone())
+                Listener::Unix(listener, SocketFile(path.clone()))
             }
         };
         listeners.push(listener);
@@ -136,11 +148,7 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
-    let mut unix_paths = Vec::new();
     for listener in listeners {
-        if let Listener::Unix(_, path) = &listener {
-            unix_paths.push(path.clone());
-        }
         let accept = accept_loop(
             listener,
             Arc::clone(&exports),
@@ -151,7 +159,7 @@ pub async fn serve(
         );
         tracker.spawn(accept);
     }
-    shutdown.stopping().await;
+    shutdown.reached(Phase::Stopping).await;
     tracker.close();
     tracing::info!(
         active = tracker.len(),
@@ -159,28 +167,39 @@ pub async fn serve(
         "stopping: no new connections, finishing requests in flight"
     );
     let grace = options.shutdown_grace;
-    let close_at = shutdown::closing_after(grace);
-    if tokio::time::timeout(close_at, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::info!(
-            active = tracker.len(),
-            "grace period nearly over: closing connections after their queued replies"
-        );
-        shutdown.close();
-        if tokio::time::timeout(grace - close_at, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?grace,
-                "connections still open after the grace period, dropping them"
+    let stop_started = tokio::time::Instant::now();
+    // Phase 1: sessions finish what they have read, until the grace period is nearly over or
+    // a second signal moves on to closing.
+    tokio::select! {
+        () = tracker.wait() => {}
+        () = tokio::time::sleep(shutdown::closing_after(grace)) => {
+            tracing::info!(
+                active = tracker.len(),
+                "grace period nearly over: closing connections after their queued replies"
             );
+            shutdown.advance(Phase::Closing);
+        }
+        () = shutdown.reached(Phase::Closing) => {
+            tracing::info!(active = tracker.len(), "closing connections now");
         }
     }
-    for path in unix_paths {
-        let _ = std::fs::remove_file(path);
+    // Phase 2: sessions send what is queued and close. A client that does not read its
+    // replies cannot hold this up for longer than CLOSE_FLUSH (or the grace period's end),
+    // and a third signal ends the wait at once.
+    if !tracker.is_empty() {
+        let flush_until = (stop_started + grace).min(tokio::time::Instant::now() + CLOSE_FLUSH);
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = tokio::time::sleep_until(flush_until) => {
+                tracing::warn!(
+                    active = tracker.len(),
+                    "connections still sending after the grace period, dropping them"
+                );
+            }
+            () = shutdown.reached(Phase::Aborting) => {
+                tracing::warn!(active = tracker.len(), "dropping the remaining connections now");
+            }
+        }
     }
 }
 
@@ -195,11 +214,11 @@ async fn accept_loop(
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("semaphore never closed"),
-            () = shutdown.stopping() => return,
+            () = shutdown.reached(Phase::Stopping) => return,
         };
         let accepted = tokio::select! {
             accepted = accept(&listener) => accepted,
-            () = shutdown.stopping() => return,
+            () = shutdown.reached(Phase::Stopping) => return,
         };
         let (stream, peer) = match accepted {
             Ok(conn) => conn,
@@ -249,7 +268,7 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
             stream.set_nodelay(true)?;
             Ok((Stream::Tcp(stream), peer.to_string()))
         }
-        Listener::Unix(l, path) | Listener::UnixInherited(l, path) => {
+        Listener::Unix(l, SocketFile(path)) | Listener::UnixInherited(l, path) => {
             let (stream, _) = l.accept().await?;
             Ok((Stream::Unix(stream), format!("unix:{}", path.display())))
         }

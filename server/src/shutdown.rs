@@ -1,12 +1,17 @@
-//! The two phases of a graceful stop, shared by the accept loops and every session.
+//! The phases of a graceful stop, shared by the accept loops and every session.
 //!
-//! 1. **Stopping** (SIGTERM or SIGINT): listeners stop accepting; sessions finish the requests
-//!    they have read, answer further requests with `ESHUTDOWN` (and handshake options with
-//!    `NBD_REP_ERR_SHUTDOWN`), and close once the client has been quiet for a moment.
-//! 2. **Closing** (shortly before the grace period ends): sessions stop reading, send every
-//!    reply still queued, and close. Nothing is cut off mid-reply.
+//! 1. **Stopping** (the first SIGTERM or SIGINT): listeners stop accepting; sessions finish the
+//!    requests they have read, answer further requests with `ESHUTDOWN` (and handshake options
+//!    with `NBD_REP_ERR_SHUTDOWN`), and close once the client has been quiet for a moment.
+//! 2. **Closing** (shortly before the grace period ends, or a second signal): sessions stop
+//!    reading, send every reply still queued, and close. The server waits at most
+//!    [`CLOSE_FLUSH`] more for them: a client that does not read its replies cannot hold the
+//!    stop up.
+//! 3. **Aborting** (a third signal): the server stops waiting at once and exits, dropping what
+//!    is left.
 //!
-//! When the grace period is over the process exits whatever is left.
+//! A session follows the phases through one [`PhaseWatch`]: it reads the phase it has seen,
+//! and awaits [`PhaseWatch::changed`] next to its I/O.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -22,83 +27,132 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(250);
 /// while replies are still on their way (a reset discards them).
 pub const LINGER: Duration = Duration::from_millis(500);
 
-/// Where a server is in its stop.
+/// Once closing has begun, the longest the server waits for sessions to send what they have
+/// queued.
+pub const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Where a server is in its stop. Phases only advance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Running,
     Stopping,
     Closing,
+    Aborting,
 }
 
-/// The shutdown signals of one server. Change phases with [`Shutdown::stop`] and
-/// [`Shutdown::close`] only.
+impl Phase {
+    fn from_u8(value: u8) -> Phase {
+        match value {
+            0 => Phase::Running,
+            1 => Phase::Stopping,
+            2 => Phase::Closing,
+            _ => Phase::Aborting,
+        }
+    }
+}
+
+/// The shutdown signals of one server: a phase, and one token per phase to await it.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
+    /// One atomic for code that polls: a cancellation token's own check takes a lock.
+    phase: Arc<AtomicU8>,
     stopping: CancellationToken,
     closing: CancellationToken,
-    /// The phase as one atomic, for busy loops to poll: a cancellation token's own check
-    /// takes a lock.
-    phase: Arc<AtomicU8>,
+    aborting: CancellationToken,
 }
 
 impl Shutdown {
-    /// `stopping` is the token the signal handler cancels.
-    pub fn new(stopping: CancellationToken) -> Shutdown {
-        Shutdown {
-            stopping,
-            closing: CancellationToken::new(),
-            phase: Arc::default(),
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    /// Moves to `phase` (and through the phases before it), unless already past it.
+    pub fn advance(&self, phase: Phase) {
+        self.phase.fetch_max(phase as u8, Ordering::AcqRel);
+        let tokens = [
+            (Phase::Stopping, &self.stopping),
+            (Phase::Closing, &self.closing),
+            (Phase::Aborting, &self.aborting),
+        ];
+        for (at, token) in tokens {
+            if phase >= at {
+                token.cancel();
+            }
         }
     }
 
-    /// Starts phase 1.
-    pub fn stop(&self) {
-        self.phase
-            .fetch_max(Phase::Stopping as u8, Ordering::Release);
-        self.stopping.cancel();
+    /// Moves to the next phase: what each further signal does.
+    pub fn escalate(&self) -> Phase {
+        let next = match self.phase() {
+            Phase::Running => Phase::Stopping,
+            Phase::Stopping => Phase::Closing,
+            Phase::Closing | Phase::Aborting => Phase::Aborting,
+        };
+        self.advance(next);
+        next
     }
 
     /// The current phase: one atomic load.
     pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Acquire) {
-            0 => Phase::Running,
-            1 => Phase::Stopping,
-            _ => Phase::Closing,
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Completes when the server has reached `phase` (at once if it already has).
+    pub async fn reached(&self, phase: Phase) {
+        match phase {
+            Phase::Running => {}
+            Phase::Stopping => self.stopping.cancelled().await,
+            Phase::Closing => self.closing.cancelled().await,
+            Phase::Aborting => self.aborting.cancelled().await,
         }
     }
 
-    pub fn is_stopping(&self) -> bool {
-        self.phase() >= Phase::Stopping
+    /// A session's view of the phases.
+    pub fn watch(&self) -> PhaseWatch {
+        PhaseWatch {
+            shutdown: self.clone(),
+            seen: self.phase(),
+        }
+    }
+}
+
+/// The phase one session has seen, and a way to wait for the next.
+#[derive(Debug, Clone)]
+pub struct PhaseWatch {
+    shutdown: Shutdown,
+    seen: Phase,
+}
+
+impl PhaseWatch {
+    /// The phase as of the last [`PhaseWatch::refresh`] or [`PhaseWatch::changed`].
+    pub fn seen(&self) -> Phase {
+        self.seen
     }
 
-    /// Completes when phase 1 starts.
-    pub async fn stopping(&self) {
-        self.stopping.cancelled().await;
+    /// Catches up with the server's phase (one atomic load) and returns it.
+    pub fn refresh(&mut self) -> Phase {
+        self.seen = self.shutdown.phase();
+        self.seen
     }
 
-    /// Starts phase 2 (and phase 1, if it has not started).
-    pub fn close(&self) {
-        self.phase
-            .fetch_max(Phase::Closing as u8, Ordering::Release);
-        self.stopping.cancel();
-        self.closing.cancel();
-    }
-
-    /// Completes when phase 2 starts.
-    pub async fn closing(&self) {
-        self.closing.cancelled().await;
-    }
-
-    /// A token cancelled when phase 1 starts, for tasks that only need that.
-    pub fn stopping_token(&self) -> CancellationToken {
-        self.stopping.clone()
+    /// Completes when the server's phase moves past the one seen, and records the new one.
+    /// Cancel-safe: dropping it loses nothing.
+    pub async fn changed(&mut self) {
+        let next = match self.seen {
+            Phase::Running => Phase::Stopping,
+            Phase::Stopping => Phase::Closing,
+            Phase::Closing => Phase::Aborting,
+            Phase::Aborting => return std::future::pending().await,
+        };
+        self.shutdown.reached(next).await;
+        self.refresh();
     }
 }
 
 /// When, within the grace period, sessions are told to close: late enough for ordinary
 /// clients to finish, early enough to send what is queued (up to a second before the end).
 pub fn closing_after(grace: Duration) -> Duration {
-    grace.saturating_sub((grace / 4).min(Duration::from_secs(1)))
+    grace.saturating_sub((grace / 4).min(CLOSE_FLUSH))
 }
 
 #[cfg(test)]
@@ -107,12 +161,38 @@ mod tests {
 
     #[test]
     fn phases_only_advance() {
-        let shutdown = Shutdown::default();
+        let shutdown = Shutdown::new();
         assert_eq!(shutdown.phase(), Phase::Running);
-        shutdown.close();
-        shutdown.stop();
+        shutdown.advance(Phase::Closing);
+        shutdown.advance(Phase::Stopping);
         assert_eq!(shutdown.phase(), Phase::Closing);
-        assert!(shutdown.is_stopping());
+    }
+
+    #[test]
+    fn each_signal_escalates_one_phase() {
+        let shutdown = Shutdown::new();
+        assert_eq!(shutdown.escalate(), Phase::Stopping);
+        assert_eq!(shutdown.escalate(), Phase::Closing);
+        assert_eq!(shutdown.escalate(), Phase::Aborting);
+        assert_eq!(shutdown.escalate(), Phase::Aborting);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_sees_every_phase_change_once() {
+        let shutdown = Shutdown::new();
+        let mut watch = shutdown.watch();
+        let waiting = tokio::spawn(async move {
+            watch.changed().await;
+            let first = watch.seen();
+            watch.changed().await;
+            (first, watch.seen())
+        });
+        tokio::task::yield_now().await;
+        shutdown.advance(Phase::Stopping);
+        tokio::task::yield_now().await;
+        // Jumping two phases at once is seen as the latest one.
+        shutdown.advance(Phase::Aborting);
+        assert_eq!(waiting.await.unwrap(), (Phase::Stopping, Phase::Aborting));
     }
 
     #[test]

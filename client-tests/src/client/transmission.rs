@@ -13,9 +13,11 @@ use std::time::Duration;
 use super::{Pending, PendingMap, RawClient, ReplyMode, Stream};
 use crate::proto::*;
 
-/// Largest reply payload accepted: the max payload (32 MiB) plus chunk overhead, with room to
-/// spare. A longer length field means a desynchronised stream.
-const MAX_REPLY_PAYLOAD: u64 = 64 * 1024 * 1024;
+/// Largest reply chunk payload accepted: the spec says a server MUST NOT send a chunk larger
+/// than the maximum payload (32 MiB) plus its fixed overhead (the 8-byte offset of
+/// OFFSET_DATA), and libnbd and qemu drop a server that does. A longer length field is a
+/// violation, or a desynchronised stream.
+const MAX_REPLY_PAYLOAD: u64 = 32 * 1024 * 1024 + 8;
 
 /// Header style of a request. By default it follows the negotiation (extended headers iff
 /// EXTENDED_HEADERS was ACKed); tests may force either to send a wrong one.

@@ -77,6 +77,44 @@ pub fn decode_request(buf: &[u8], extended: bool) -> Decoded {
     }
 }
 
+/// Where replies are encoded: the connection's send buffer, or a `Vec` in tests.
+pub trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// A reply header built on the stack, for headers written after their payload is known.
+#[derive(Debug)]
+pub struct HeaderBytes {
+    bytes: [u8; 40],
+    len: usize,
+}
+
+impl HeaderBytes {
+    fn new() -> Self {
+        Self {
+            bytes: [0; 40],
+            len: 0,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl Sink for HeaderBytes {
+    fn put(&mut self, bytes: &[u8]) {
+        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
 /// Which reply framing the connection negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyMode {
@@ -90,7 +128,7 @@ pub enum ReplyMode {
 
 impl ReplyMode {
     /// A successful reply to any command that returns no data.
-    pub fn done(self, out: &mut Vec<u8>, cookie: u64, offset: u64) {
+    pub fn done(self, out: &mut impl Sink, cookie: u64, offset: u64) {
         match self {
             ReplyMode::Simple => simple(out, cookie, 0),
             _ => self.chunk(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, offset, 0),
@@ -98,113 +136,136 @@ impl ReplyMode {
     }
 
     /// A failed reply. Structured modes carry `message` for humans.
-    pub fn error(self, out: &mut Vec<u8>, cookie: u64, offset: u64, errno: Errno, message: &str) {
+    pub fn error(self, out: &mut impl Sink, cookie: u64, offset: u64, errno: Errno, message: &str) {
         match self {
             ReplyMode::Simple => simple(out, cookie, errno.code()),
             _ => {
                 let message = &message.as_bytes()[..message.len().min(4096)];
                 let len = 6 + message.len() as u64;
                 self.chunk(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, offset, len);
-                out.extend_from_slice(&errno.code().to_be_bytes());
-                out.extend_from_slice(&(message.len() as u16).to_be_bytes());
-                out.extend_from_slice(message);
+                out.put(&errno.code().to_be_bytes());
+                out.put(&(message.len() as u16).to_be_bytes());
+                out.put(message);
             }
         }
     }
 
-    /// The header of a successful READ reply; exactly `len` data bytes must follow. A
-    /// zero-length read needs no data chunk, so it is just `done`.
-    pub fn read_header(self, out: &mut Vec<u8>, cookie: u64, offset: u64, len: u64) {
+    /// What precedes `len` bytes of READ data for `data_offset`: with simple replies the one
+    /// reply header (call it once, for the whole read); otherwise an `OFFSET_DATA` chunk,
+    /// `last` marking the final one. Every chunk header carries the request's `offset`, as
+    /// extended replies require; the chunk's own place is the payload's offset field.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_data(
+        self,
+        out: &mut impl Sink,
+        cookie: u64,
+        offset: u64,
+        data_offset: u64,
+        len: u64,
+        last: bool,
+    ) {
         match self {
             ReplyMode::Simple => simple(out, cookie, 0),
-            _ if len == 0 => self.done(out, cookie, offset),
             _ => {
-                // One OFFSET_DATA chunk carrying DONE: reads from RAM cannot fail half-way.
-                // Lengths are at most MAX_PAYLOAD, so the 32-bit chunk length cannot overflow.
-                self.chunk(
-                    out,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    offset,
-                    len + 8,
-                );
-                out.extend_from_slice(&offset.to_be_bytes());
+                let flags = if last { REPLY_FLAG_DONE } else { 0 };
+                let kind = REPLY_TYPE_OFFSET_DATA;
+                self.chunk(out, flags, kind, cookie, offset, len + 8);
+                out.put(&data_offset.to_be_bytes());
             }
         }
     }
 
-    /// A `base:allocation` reply: one status chunk, marked DONE. `extents` are
-    /// (length, status flags); compact replies need each length to fit 32 bits, which holds
-    /// because a compact request's length does.
-    pub fn block_status(
+    /// Bytes of a `base:allocation` reply's header, before its descriptors.
+    pub fn block_status_header_len(self) -> usize {
+        match self {
+            ReplyMode::Simple => 0,
+            ReplyMode::Structured => 20 + 4,
+            ReplyMode::Extended => 32 + 8,
+        }
+    }
+
+    /// The header of a `base:allocation` reply with `count` descriptors: one status chunk,
+    /// marked DONE. Written after the descriptors, once their number is known.
+    pub fn block_status_header(
         self,
-        out: &mut Vec<u8>,
         cookie: u64,
         offset: u64,
         context: u32,
-        extents: &[(u64, u32)],
-    ) {
+        count: usize,
+    ) -> HeaderBytes {
+        let mut out = HeaderBytes::new();
         match self {
             ReplyMode::Simple => unreachable!("block status needs structured replies"),
             ReplyMode::Structured => {
-                let len = 4 + 8 * extents.len() as u64;
-                self.chunk(
-                    out,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_BLOCK_STATUS,
-                    cookie,
-                    offset,
-                    len,
-                );
-                out.extend_from_slice(&context.to_be_bytes());
-                for &(length, flags) in extents {
-                    let length = u32::try_from(length).expect("compact extents fit 32 bits");
-                    out.extend_from_slice(&length.to_be_bytes());
-                    out.extend_from_slice(&flags.to_be_bytes());
-                }
+                let len = 4 + 8 * count as u64;
+                let kind = REPLY_TYPE_BLOCK_STATUS;
+                self.chunk(&mut out, REPLY_FLAG_DONE, kind, cookie, offset, len);
+                out.put(&context.to_be_bytes());
             }
             ReplyMode::Extended => {
-                let len = 8 + 16 * extents.len() as u64;
+                let len = 8 + 16 * count as u64;
                 let kind = REPLY_TYPE_BLOCK_STATUS_EXT;
-                self.chunk(out, REPLY_FLAG_DONE, kind, cookie, offset, len);
-                out.extend_from_slice(&context.to_be_bytes());
-                out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
-                for &(length, flags) in extents {
-                    out.extend_from_slice(&length.to_be_bytes());
-                    out.extend_from_slice(&u64::from(flags).to_be_bytes());
-                }
+                self.chunk(&mut out, REPLY_FLAG_DONE, kind, cookie, offset, len);
+                out.put(&context.to_be_bytes());
+                out.put(&(count as u32).to_be_bytes());
+            }
+        }
+        out
+    }
+
+    /// One `base:allocation` descriptor. Compact replies need the length to fit 32 bits, which
+    /// holds because a compact request's length does and extents never exceed it.
+    pub fn block_status_descriptor(self, out: &mut impl Sink, length: u64, flags: u32) {
+        match self {
+            ReplyMode::Simple => unreachable!("block status needs structured replies"),
+            ReplyMode::Structured => {
+                let length = u32::try_from(length).expect("compact extents fit 32 bits");
+                out.put(&length.to_be_bytes());
+                out.put(&flags.to_be_bytes());
+            }
+            ReplyMode::Extended => {
+                out.put(&length.to_be_bytes());
+                out.put(&u64::from(flags).to_be_bytes());
             }
         }
     }
 
-    fn chunk(self, out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) {
+    /// Bytes one descriptor takes.
+    pub fn block_status_descriptor_len(self) -> usize {
+        match self {
+            ReplyMode::Simple => 0,
+            ReplyMode::Structured => 8,
+            ReplyMode::Extended => 16,
+        }
+    }
+
+    fn chunk(self, out: &mut impl Sink, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) {
         match self {
             ReplyMode::Simple => unreachable!("simple replies have no chunks"),
             ReplyMode::Structured => {
-                out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-                out.extend_from_slice(&flags.to_be_bytes());
-                out.extend_from_slice(&kind.to_be_bytes());
-                out.extend_from_slice(&cookie.to_be_bytes());
+                out.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                out.put(&flags.to_be_bytes());
+                out.put(&kind.to_be_bytes());
+                out.put(&cookie.to_be_bytes());
                 let len = u32::try_from(len).expect("structured chunk length fits 32 bits");
-                out.extend_from_slice(&len.to_be_bytes());
+                out.put(&len.to_be_bytes());
             }
             ReplyMode::Extended => {
-                out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
-                out.extend_from_slice(&flags.to_be_bytes());
-                out.extend_from_slice(&kind.to_be_bytes());
-                out.extend_from_slice(&cookie.to_be_bytes());
-                out.extend_from_slice(&offset.to_be_bytes());
-                out.extend_from_slice(&len.to_be_bytes());
+                out.put(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+                out.put(&flags.to_be_bytes());
+                out.put(&kind.to_be_bytes());
+                out.put(&cookie.to_be_bytes());
+                out.put(&offset.to_be_bytes());
+                out.put(&len.to_be_bytes());
             }
         }
     }
 }
 
-fn simple(out: &mut Vec<u8>, cookie: u64, error: u32) {
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
+fn simple(out: &mut impl Sink, cookie: u64, error: u32) {
+    out.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.put(&error.to_be_bytes());
+    out.put(&cookie.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -319,7 +380,7 @@ mod tests {
         assert_eq!(&out[4..8], &22u32.to_be_bytes());
 
         out.clear();
-        ReplyMode::Structured.read_header(&mut out, 5, 4096, 100);
+        ReplyMode::Structured.read_data(&mut out, 5, 4096, 4096, 100, true);
         assert_eq!(out.len(), 28);
         assert_eq!(&out[4..6], &REPLY_FLAG_DONE.to_be_bytes());
         assert_eq!(&out[6..8], &REPLY_TYPE_OFFSET_DATA.to_be_bytes());
@@ -338,8 +399,29 @@ mod tests {
         assert_eq!(&out[20..24], &28u32.to_be_bytes());
 
         out.clear();
-        ReplyMode::Extended.block_status(&mut out, 1, 0, 3, &[(1 << 40, STATE_HOLE)]);
+        let header = ReplyMode::Extended.block_status_header(1, 0, 3, 1);
+        out.extend_from_slice(header.as_slice());
+        assert_eq!(out.len(), ReplyMode::Extended.block_status_header_len());
+        ReplyMode::Extended.block_status_descriptor(&mut out, 1 << 40, STATE_HOLE);
         assert_eq!(out.len(), 32 + 8 + 16);
+        assert_eq!(&out[24..32], &24u64.to_be_bytes(), "chunk length");
+        assert_eq!(&out[36..40], &1u32.to_be_bytes(), "descriptor count");
         assert_eq!(&out[40..48], &(1u64 << 40).to_be_bytes());
+    }
+
+    #[test]
+    fn every_extended_chunk_carries_the_request_offset() {
+        // The second data chunk of a read at 1000: header offset 1000, payload offset its own.
+        let mut out = Vec::new();
+        ReplyMode::Extended.read_data(&mut out, 7, 1000, 1000 + (32 << 20), 512, true);
+        assert_eq!(&out[16..24], &1000u64.to_be_bytes());
+        assert_eq!(&out[32..40], &(1000u64 + (32 << 20)).to_be_bytes());
+        assert_eq!(&out[4..6], &REPLY_FLAG_DONE.to_be_bytes());
+        out.clear();
+        ReplyMode::Extended.read_data(&mut out, 7, 1000, 1000, 32 << 20, false);
+        assert_eq!(&out[4..6], &0u16.to_be_bytes(), "not the last chunk");
+        out.clear();
+        ReplyMode::Extended.error(&mut out, 7, 1000, Errno::Inval, "x");
+        assert_eq!(&out[16..24], &1000u64.to_be_bytes());
     }
 }

@@ -1,8 +1,14 @@
 //! One client connection: the handshake (`negotiate`), then the transmission phase
-//! (`transmit`). Generic over the stream halves so TCP and Unix sockets share all code.
+//! (`transmit`). Generic over the stream halves so TCP and Unix sockets share all code, and so
+//! tests drive a whole session over an in-memory stream.
 
+mod buffers;
+mod command;
 mod negotiate;
 mod transmit;
+
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -26,23 +32,17 @@ pub async fn serve<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    // Once stopping, the handshake answers options with ERR_SHUTDOWN itself; a client that is
-    // still mid-handshake when the grace period runs out is simply dropped.
-    let negotiated = tokio::select! {
-        result = negotiate::negotiate(&mut reader, &mut writer, &exports, &shutdown) => result,
-        () = shutdown.closing() => {
-            tracing::debug!("shutdown during handshake, closing");
-            return;
-        }
-    };
-    let negotiated = match negotiated {
-        Ok(Some(negotiated)) => negotiated,
-        Ok(None) => return,
-        Err(err) => {
-            tracing::debug!(cause = %err, "handshake ended");
-            return;
-        }
-    };
+    // One view of the shutdown phases for the whole connection, handshake and transmission.
+    let mut watch = shutdown.watch();
+    let negotiated =
+        match negotiate::negotiate(&mut reader, &mut writer, &exports, &mut watch).await {
+            Ok(Some(negotiated)) => negotiated,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::debug!(cause = %err, "handshake ended");
+                return;
+            }
+        };
     tracing::Span::current().record("export", negotiated.export.name.as_str());
     tracing::info!(
         mode = ?negotiated.reply_mode(),
@@ -50,7 +50,7 @@ pub async fn serve<R, W>(
         "transmission started"
     );
     let metrics = metrics.and_then(|m| m.export(&negotiated.export.name));
-    match transmit::transmit(reader, writer, negotiated, &shutdown, metrics).await {
+    match transmit::transmit(reader, writer, negotiated, watch, metrics).await {
         Ok(stats) => tracing::info!(requests = stats.requests, "connection closed"),
         Err(err) => tracing::info!(cause = %err, "connection dropped"),
     }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::export::{Export, Exports};
+use crate::proto::Capabilities;
 use crate::proto::consts::*;
 use crate::proto::handshake::{self, option_reply};
 use crate::proto::transmission::ReplyMode;
-use crate::shutdown::{DRAIN_IDLE, Shutdown};
+use crate::shutdown::{DRAIN_IDLE, Phase, PhaseWatch};
 
 /// The id this server gives `base:allocation` in SET_META_CONTEXT.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -21,6 +22,8 @@ pub struct Negotiated {
     pub export: Arc<Export>,
     pub structured: bool,
     pub extended: bool,
+    /// What the export advertised and so accepts on this connection.
+    pub capabilities: Capabilities,
     /// The id of `base:allocation`, if the client selected it for this export.
     pub base_allocation: Option<u32>,
 }
@@ -48,17 +51,25 @@ struct State {
     meta_export: Option<String>,
 }
 
+impl State {
+    /// What `export` offers with the reply format negotiated so far: the same value gives the
+    /// flags INFO, GO and EXPORT_NAME advertise and the command flags transmission accepts.
+    fn capabilities(&self, export: &Export) -> Capabilities {
+        Capabilities::ram_disk(export.read_only, self.structured, self.extended)
+    }
+}
+
 /// Runs the handshake. `Ok(None)`: the client aborted or broke a rule that ends the
 /// connection (both logged), or the server is stopping.
 ///
 /// Once the server is stopping, every option gets `NBD_REP_ERR_SHUTDOWN` ("the server is
 /// unwilling to continue negotiation as it is in the process of being shut down"), ABORT its
-/// ACK, and the connection closes when the client goes quiet.
+/// ACK, and the connection closes when the client goes quiet, or when closing begins.
 pub async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     exports: &Exports,
-    shutdown: &Shutdown,
+    watch: &mut PhaseWatch,
 ) -> io::Result<Option<Negotiated>>
 where
     R: AsyncRead + Unpin,
@@ -83,9 +94,8 @@ where
     };
 
     let mut out = Vec::new();
-    let mut stopping = false;
     loop {
-        let Some(header) = read_option_header(reader, shutdown, &mut stopping).await? else {
+        let Some(header) = read_option_header(reader, watch).await? else {
             tracing::debug!("server stopping, client quiet: closing the handshake");
             return Ok(None);
         };
@@ -125,8 +135,7 @@ where
         tracing::debug!(option, len, "option");
 
         out.clear();
-        stopping |= shutdown.is_stopping();
-        let step = if stopping {
+        let step = if watch.refresh() >= Phase::Stopping {
             refuse_option(option, &mut out)
         } else {
             handle_option(option, &data, &mut state, exports, &mut out)
@@ -139,6 +148,7 @@ where
                 let base_allocation = (state.meta_export.as_deref() == Some(export.name.as_str()))
                     .then_some(BASE_ALLOCATION_ID);
                 return Ok(Some(Negotiated {
+                    capabilities: state.capabilities(&export),
                     export,
                     structured: state.structured || state.extended,
                     extended: state.extended,
@@ -155,39 +165,32 @@ enum Step {
     Transmit(Arc<Export>),
 }
 
-/// Reads the 16-byte option header (magic, option, length). Until stopping starts it waits as
-/// long as the client likes, and notices the start of stopping only between options, so no
-/// bytes are lost. Once stopping, a client quiet for [`DRAIN_IDLE`] (or the closing phase)
-/// ends the handshake: `Ok(None)`.
+/// Reads the 16-byte option header (magic, option, length). While the server runs it waits
+/// as long as the client likes. Once stopping, a client quiet for [`DRAIN_IDLE`] ends the
+/// handshake, and so does the closing phase: `Ok(None)`. `read` is cancel-safe, so waking for
+/// a phase change loses no bytes.
 async fn read_option_header<R: AsyncRead + Unpin>(
     reader: &mut R,
-    shutdown: &Shutdown,
-    stopping: &mut bool,
+    watch: &mut PhaseWatch,
 ) -> io::Result<Option<[u8; 16]>> {
     let mut header = [0u8; 16];
     let mut got = 0;
     while got < header.len() {
-        // `read` is cancel-safe: when another branch wins, no bytes were taken.
-        let n = if *stopping {
-            tokio::select! {
+        let n = match watch.seen() {
+            Phase::Running => tokio::select! {
+                read = reader.read(&mut header[got..]) => read?,
+                () = watch.changed() => continue,
+            },
+            Phase::Stopping => tokio::select! {
                 read = tokio::time::timeout(DRAIN_IDLE, reader.read(&mut header[got..])) => {
                     match read {
                         Ok(read) => read?,
                         Err(_quiet) => return Ok(None),
                     }
                 }
-                () = shutdown.closing() => return Ok(None),
-            }
-        } else if got == 0 {
-            tokio::select! {
-                read = reader.read(&mut header[got..]) => read?,
-                () = shutdown.stopping() => {
-                    *stopping = true;
-                    continue;
-                }
-            }
-        } else {
-            reader.read(&mut header[got..]).await?
+                () = watch.changed() => continue,
+            },
+            Phase::Closing | Phase::Aborting => return Ok(None),
         };
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -239,7 +242,7 @@ fn handle_option(
                 tracing::info!(name = %String::from_utf8_lossy(data), "unknown export, closing");
                 return Step::Close;
             };
-            let flags = export.transmission_flags(state.structured);
+            let flags = state.capabilities(export).transmission_flags();
             out.extend(handshake::export_name_reply(
                 export.size(),
                 flags,
@@ -271,7 +274,7 @@ fn handle_option(
             let Some(export) = exports.get(&request.export) else {
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
             };
-            let flags = export.transmission_flags(state.structured || state.extended);
+            let flags = state.capabilities(export).transmission_flags();
             option_reply(
                 out,
                 option,

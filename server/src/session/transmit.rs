@@ -1,54 +1,56 @@
 //! The transmission phase: one task per connection that both receives and sends.
 //!
-//! Requests are parsed out of one reusable receive buffer, validated and executed on the spot
-//! (a write, trim or zero is a memcpy or a madvise: nothing to gain by deferring it), and their
-//! replies are encoded into one reusable send buffer, READ data copied straight from the store.
-//! The task then waits for whichever comes first: more requests, or room to send replies. So
-//! requests are pipelined (the client may have any number in flight; replies for a batch go out
-//! in one `write`), there is no queue or second task to wake per request, and the memory a
-//! connection holds is bounded: a receive buffer of at most one maximum request, and a send
-//! buffer that stops growing at [`SEND_BATCH`] (reading stops too until it drains, which pushes
-//! back on the client through TCP). Replies go out in request order, which the protocol allows.
+//! A request's life, in one place each:
+//! 1. **Decode** ([`decode_request`]) the header at the front of the receive buffer.
+//! 2. **Check** it ([`Command::parse`]): flags, payload, permission and range, once.
+//! 3. **Execute** it: most requests at once (a write is a memcpy, a flush nothing); a WRITE
+//!    larger than [`WHOLE_PAYLOAD`] is applied to the store piece by piece as its payload
+//!    arrives, and a TRIM or WRITE_ZEROES runs in bounded steps with a yield between them, so
+//!    that neither a 4 GiB write nor a 1 TiB zeroing holds the connection's buffers or a
+//!    runtime thread ([`Ongoing`]).
+//! 4. **Complete** it at one point, [`Connection::complete`]: the reply is encoded into the
+//!    send buffer (READ data copied from the store in pieces as room allows), and metered.
 //!
-//! Metrics count each request at one completion point, [`Connection::sent`]: when the last byte
-//! of its reply has been written. Latency runs from the read that brought the request in. With
-//! metrics off nothing is recorded and no clock is read.
+//! The task then waits for whichever comes first: more requests, room to send replies, or a
+//! change of shutdown phase. So requests are pipelined (the client may have any number in
+//! flight; replies for a batch go out in one `write`), there is no queue or second task to wake
+//! per request, and the memory a connection holds is fixed: a receive buffer of about 1 MiB
+//! and a send buffer of 512 KiB, whatever the requests' lengths (reading stops while replies
+//! wait, which pushes back on the client through TCP). Replies go out in request order, which
+//! the protocol allows.
+//!
+//! Metrics count each request when the last byte of its reply has been written. Latency runs
+//! from the read that brought the request in. With metrics off nothing is recorded and no
+//! clock is read.
 
 use std::collections::VecDeque;
 use std::io;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Negotiated;
-use crate::export::Export;
+use super::buffers::{ReceiveBuffer, SendBuffer};
+use super::command::{Command, Failure, MAX_DATA_CHUNK};
 use crate::metrics::ExportMetrics;
 use crate::proto::Errno;
 use crate::proto::consts::*;
-use crate::proto::transmission::{Decoded, ReplyMode, Request, decode_request};
-use crate::ramdisk::{Extent, NoSpace};
-use crate::shutdown::{DRAIN_IDLE, LINGER, Phase, Shutdown};
+use crate::proto::transmission::{Decoded, EXTENDED_HEADER_LEN, ReplyMode, decode_request};
+use crate::ramdisk::{Extent, NoSpace, Update, ZeroMode};
+use crate::shutdown::{DRAIN_IDLE, LINGER, Phase, PhaseWatch};
 
-/// Receive buffer size for ordinary traffic; grows to one maximum request when needed.
-const RECEIVE_BUFFER: usize = 256 * 1024;
-/// A receive buffer grown beyond this by a large request is replaced once it is empty.
-const RECEIVE_BUFFER_KEPT: usize = 4 * 1024 * 1024 + 64;
+/// A WRITE with a payload up to this size is received whole, then applied at once; a longer
+/// one streams into the store as it arrives.
+pub const WHOLE_PAYLOAD: usize = 1 << 20;
+/// The receive buffer holds one whole-payload request and its header.
+const RECEIVE_CAPACITY: usize = WHOLE_PAYLOAD + 4096;
 /// Replies are encoded until this many bytes wait to be sent.
 const SEND_BATCH: usize = 256 * 1024;
-
-/// Room reserved for the send buffer's alignment pad.
-const ALIASING_PAD_SPAN: usize = 4096;
-
-/// Bytes to leave unused at the start of the send buffer so that the replies begin about 2 KiB
-/// into a page. The store's pages are page-aligned, and a copy whose destination sits just
-/// after its source modulo 4 KiB stalls on "4K aliasing" (the CPU takes loads to depend on the
-/// stores just made): a page-aligned send buffer (large buffers are mmap'd, see
-/// `ramdisk::return_large_buffers_to_kernel`) halved 1 MiB READ throughput.
-fn aliasing_pad(buffer: *const u8) -> usize {
-    const TARGET: usize = 2048;
-    (TARGET + ALIASING_PAD_SPAN - buffer as usize % ALIASING_PAD_SPAN) % ALIASING_PAD_SPAN
-}
+/// The send buffer has room for a batch plus one more piece of reply.
+const SEND_CAPACITY: usize = 2 * SEND_BATCH;
+/// Most descriptors in one block status reply, so that it fits the room a batch leaves. The
+/// spec lets a reply cover less than the range asked for; clients ask again for the rest.
+const MAX_EXTENTS_PER_REPLY: usize = (SEND_BATCH - 64) / 16;
 
 /// What one connection did, for its closing log line.
 #[derive(Debug, Default)]
@@ -56,67 +58,70 @@ pub struct Stats {
     pub requests: u64,
 }
 
-/// A finished request, ready to be encoded as a reply.
+/// What a reply needs to know about its request.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    cookie: u64,
+    offset: u64,
+    command: u16,
+    length: u64,
+    /// When the bytes that brought it in were read (kept only with metrics on).
+    arrived: Option<Instant>,
+}
+
+/// How a request ends.
 #[derive(Debug)]
-enum Completion {
-    /// No data: success or an error.
-    Done {
-        cookie: u64,
+enum Outcome {
+    Done,
+    Failed(Failure),
+    /// READ data to send.
+    Data {
         offset: u64,
-        result: Result<(), Failure>,
+        len: u64,
     },
-    /// A successful READ; its data is copied from the store as the reply is encoded.
-    Read { cookie: u64, offset: u64, len: u64 },
-    /// A successful BLOCK_STATUS: (length, base:allocation flags) runs.
-    BlockStatus {
-        cookie: u64,
+    /// A block status reply for the range.
+    Extents {
         offset: u64,
+        len: u64,
+        one: bool,
         context: u32,
-        extents: Vec<(u64, u32)>,
     },
 }
 
-/// An error reply: the wire value and a message for clients that can show one.
-#[derive(Debug, Clone, Copy)]
-struct Failure(Errno, &'static str);
+/// A request that takes more than one turn of the loop.
+#[derive(Debug)]
+enum Ongoing<'a> {
+    /// A WRITE whose payload is still arriving; it is applied as it comes.
+    Receiving { head: Head, update: Update<'a> },
+    /// The payload of a refused request, read and dropped before its error reply.
+    Skipping {
+        head: Head,
+        left: u64,
+        failure: Failure,
+    },
+    /// A TRIM or WRITE_ZEROES, applied in bounded steps.
+    Zeroing { head: Head, update: Update<'a> },
+    /// READ data still to be copied into the send buffer; `chunk_end` ends the current data
+    /// chunk of a structured reply.
+    Sending {
+        head: Head,
+        next: u64,
+        end: u64,
+        chunk_end: u64,
+    },
+}
 
 /// Why [`Connection::produce`] stopped.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Produced {
     /// The send buffer is full: send before producing more.
     SendBufferFull,
-    /// A request is incomplete: receive more.
+    /// A request (or its payload) is incomplete: receive more.
     NeedInput,
+    /// A long request did one step: let other tasks run, then go on.
+    Yield,
     /// The client sent DISC: no more requests will be read.
     Disconnect,
-}
-
-/// Per-connection transmission state.
-struct Connection<'a> {
-    negotiated: &'a Negotiated,
-    mode: ReplyMode,
-    received: BytesMut,
-    /// Payload bytes of a refused oversized request still to be skipped.
-    skip: u64,
-    /// Replies waiting to be written, after `pad` unused bytes.
-    send: Vec<u8>,
-    /// Leading bytes of `send` that are never written: see [`aliasing_pad`].
-    pad: usize,
-    /// Bytes of `send` already written (or skipped, the pad).
-    sent: usize,
-    /// The part of a READ reply's data not yet copied into `send`: (offset, length).
-    read_tail: Option<(u64, u64)>,
-    /// Shutdown has begun: new requests get ESHUTDOWN.
-    draining: bool,
-    stats: Stats,
-    /// Metrics for this connection's export; `None` when metrics are off.
-    metrics: Option<&'a ExportMetrics>,
-    /// When the latest bytes were received (kept only with metrics on).
-    received_at: Option<Instant>,
-    /// Bytes written before the start of `send` (kept only with metrics on).
-    send_base: u64,
-    /// Requests whose replies are encoded but not yet completely written.
-    unsent_meters: VecDeque<Meter>,
 }
 
 /// What metrics need to know about a request until its reply has been written.
@@ -126,55 +131,73 @@ struct Meter {
     length: u64,
     failed: bool,
     arrived: Instant,
-    /// Where its reply ends in the connection's output (counted like `send_base`).
+    /// Where its reply ends in the connection's output.
     reply_end: u64,
+}
+
+/// Per-connection transmission state.
+struct Connection<'a> {
+    negotiated: &'a Negotiated,
+    mode: ReplyMode,
+    input: ReceiveBuffer,
+    output: SendBuffer,
+    ongoing: Option<Ongoing<'a>>,
+    /// The client sent DISC.
+    disconnected: bool,
+    /// Shutdown has begun: new requests get ESHUTDOWN.
+    draining: bool,
+    stats: Stats,
+    /// Metrics for this connection's export; `None` when metrics are off.
+    metrics: Option<&'a ExportMetrics>,
+    /// When the latest bytes were received (kept only with metrics on).
+    received_at: Option<Instant>,
+    /// Requests whose replies are encoded but not yet completely written.
+    unsent_meters: VecDeque<Meter>,
 }
 
 pub async fn transmit<R, W>(
     mut reader: R,
     mut writer: W,
     negotiated: Negotiated,
-    shutdown: &Shutdown,
+    mut watch: PhaseWatch,
     metrics: Option<std::sync::Arc<ExportMetrics>>,
 ) -> io::Result<Stats>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut send = Vec::with_capacity(2 * SEND_BATCH + ALIASING_PAD_SPAN);
-    let pad = aliasing_pad(send.as_ptr());
-    send.resize(pad, 0);
     let mut conn = Connection {
         mode: negotiated.reply_mode(),
         negotiated: &negotiated,
-        received: BytesMut::with_capacity(RECEIVE_BUFFER),
-        skip: 0,
-        send,
-        pad,
-        sent: pad,
-        read_tail: None,
+        input: ReceiveBuffer::new(RECEIVE_CAPACITY)?,
+        output: SendBuffer::new(SEND_CAPACITY)?,
+        ongoing: None,
+        disconnected: false,
         draining: false,
         stats: Stats::default(),
         metrics: metrics.as_deref(),
         received_at: None,
-        send_base: 0,
         unsent_meters: VecDeque::with_capacity(if metrics.is_some() { 256 } else { 0 }),
     };
     let mut end_of_input = false;
     loop {
-        // Polled at every turn (one atomic load), not only when the client is quiet: the
-        // select below prefers I/O, so a client that never pauses would otherwise keep its
-        // requests executing after the signal, and its connection open past the grace period.
-        match shutdown.phase() {
+        // The phase is read at every turn (one atomic load), not only when `changed` wakes
+        // the loop: the select below prefers I/O, so a client that never pauses would
+        // otherwise keep its requests executing after the signal.
+        match watch.refresh() {
             Phase::Running => {}
             Phase::Stopping => conn.draining = true,
-            Phase::Closing => {
+            Phase::Closing | Phase::Aborting => {
                 conn.draining = true;
-                end_of_input = true;
+                if !end_of_input {
+                    // Stop reading: what needs more input is dropped unanswered.
+                    end_of_input = true;
+                    conn.abandon_input();
+                }
             }
         }
         let produced = conn.produce()?;
-        let unsent = conn.sent < conn.send.len();
+        let unsent = conn.output.has_unsent();
         let finished =
             produced == Produced::Disconnect || (end_of_input && produced == Produced::NeedInput);
         if finished && !unsent {
@@ -193,49 +216,364 @@ where
             }
             return Ok(conn.stats);
         }
-        let receive = produced == Produced::NeedInput && !end_of_input;
-        if receive && conn.received.capacity() - conn.received.len() < RECEIVE_BUFFER / 4 {
-            conn.received.reserve(RECEIVE_BUFFER);
-        }
+        let receive = produced == Produced::NeedInput && !end_of_input && conn.input.has_spare();
+        let idle = receive && conn.draining && !unsent && conn.ongoing.is_none();
+        let step = produced == Produced::Yield;
         tokio::select! {
             // Receive first: replies for everything already pipelined then go out in one write.
             biased;
-            read = reader.read_buf(&mut conn.received), if receive => {
-                if read? == 0 {
-                    end_of_input = true;
-                } else if conn.metrics.is_some() {
-                    conn.received_at = Some(Instant::now());
+            read = reader.read(conn.input.spare()), if receive => {
+                match read? {
+                    0 => end_of_input = true,
+                    n => {
+                        conn.input.filled_by(n);
+                        if conn.metrics.is_some() {
+                            conn.received_at = Some(Instant::now());
+                        }
+                    }
                 }
             }
-            written = writer.write(&conn.send[conn.sent..]), if unsent => {
-                conn.sent(written?);
-            }
-            () = shutdown.stopping(), if receive && !conn.draining => {
-                tracing::debug!("shutdown: answering further requests with ESHUTDOWN");
-                conn.draining = true;
-            }
+            written = writer.write(conn.output.unsent()), if unsent => conn.sent(written?),
+            // The loop's top applies the new phase.
+            () = watch.changed() => {}
             // In an async block so the timer (and its clock read) is only made when this
             // branch is enabled: select! builds every branch's future on every turn.
-            () = async { tokio::time::sleep(DRAIN_IDLE).await }, if receive && conn.draining && !unsent => {
+            () = async { tokio::time::sleep(DRAIN_IDLE).await }, if idle => {
                 tracing::debug!("shutdown: client idle, closing");
                 end_of_input = true;
             }
-            () = shutdown.closing(), if receive && conn.draining => {
-                // The grace period is nearly over: answer what has been read, then close.
-                tracing::debug!("shutdown: closing after the replies already due");
-                end_of_input = true;
-            }
+            () = tokio::task::yield_now(), if step => {}
         }
     }
 }
 
-impl Connection<'_> {
-    /// Accounts for `written` bytes of `send` having been written. This is the completion
-    /// point: a request whose reply is now completely written is counted for metrics.
+impl<'a> Connection<'a> {
+    /// Turns received requests into replies until the send buffer is full, more input is
+    /// needed, a long request yields, or the client disconnects. Errors only for a stream out
+    /// of sync.
+    fn produce(&mut self) -> io::Result<Produced> {
+        loop {
+            if self.output.encoded() >= SEND_BATCH {
+                return Ok(Produced::SendBufferFull);
+            }
+            if let Some(ongoing) = self.ongoing.take() {
+                if let Some(wait) = self.advance(ongoing) {
+                    return Ok(wait);
+                }
+                continue;
+            }
+            if self.disconnected {
+                return Ok(Produced::Disconnect);
+            }
+            if let Some(wait) = self.next_request()? {
+                return Ok(wait);
+            }
+        }
+    }
+
+    /// Decodes and starts the request at the front of the receive buffer.
+    fn next_request(&mut self) -> io::Result<Option<Produced>> {
+        let (request, header_len) = match decode_request(self.input.filled(), self.extended()) {
+            Decoded::Request {
+                request,
+                header_len,
+            } => (request, header_len),
+            Decoded::Incomplete => return Ok(Some(Produced::NeedInput)),
+            Decoded::BadMagic(magic) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad request magic {magic:#x}: stream out of sync"),
+                ));
+            }
+        };
+        // A payload up to WHOLE_PAYLOAD is waited for whole, header included, so the request
+        // is checked and applied in one go.
+        let whole = request.payload_len <= WHOLE_PAYLOAD as u64;
+        if whole {
+            let total = header_len + request.payload_len as usize;
+            if self.input.len() < total {
+                self.input.make_room_for(total);
+                return Ok(Some(Produced::NeedInput));
+            }
+        }
+        self.input.consume(header_len);
+        self.stats.requests += 1;
+        let head = Head {
+            cookie: request.cookie,
+            offset: request.offset,
+            command: request.command,
+            length: request.length,
+            arrived: self.received_at,
+        };
+        if request.command == CMD_DISC {
+            tracing::debug!("client disconnect (DISC)");
+            self.disconnected = true;
+            return Ok(Some(Produced::Disconnect));
+        }
+        let command = if self.draining {
+            Err(Failure(Errno::Shutdown, "server is shutting down"))
+        } else {
+            Command::parse(&request, self.negotiated)
+        };
+        match command {
+            Ok(command) => self.start(head, command, whole),
+            Err(failure) if whole => {
+                self.input.consume(request.payload_len as usize);
+                self.complete(head, Outcome::Failed(failure));
+            }
+            Err(failure) => {
+                self.ongoing = Some(Ongoing::Skipping {
+                    head,
+                    left: request.payload_len,
+                    failure,
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    /// Executes a checked request: at once, or by setting up its [`Ongoing`] work.
+    fn start(&mut self, head: Head, command: Command, whole: bool) {
+        let disk = &self.negotiated_ref().export.disk;
+        let outcome = match command {
+            Command::Read { offset, len } => Outcome::Data { offset, len },
+            Command::Write { offset, len } if whole => {
+                let written = disk.write(offset, &self.input.filled()[..len as usize]);
+                self.input.consume(len as usize);
+                match written {
+                    Ok(()) => Outcome::Done,
+                    Err(NoSpace) => Outcome::Failed(over_cap()),
+                }
+            }
+            Command::Write { offset, len } => {
+                self.ongoing = Some(match disk.start_write(offset, len) {
+                    Ok(update) => Ongoing::Receiving { head, update },
+                    // Refused before anything changed: skip the payload to stay in sync.
+                    Err(NoSpace) => Ongoing::Skipping {
+                        head,
+                        left: len,
+                        failure: over_cap(),
+                    },
+                });
+                return;
+            }
+            Command::Trim { offset, len } => {
+                return self.start_zero(head, offset, len, ZeroMode::Release);
+            }
+            Command::WriteZeroes { offset, len, mode } => {
+                return self.start_zero(head, offset, len, mode);
+            }
+            Command::Flush | Command::Cache | Command::Disconnect => Outcome::Done,
+            Command::BlockStatus {
+                offset,
+                len,
+                one,
+                context,
+            } => Outcome::Extents {
+                offset,
+                len,
+                one,
+                context,
+            },
+        };
+        self.complete(head, outcome);
+    }
+
+    /// Starts a TRIM or WRITE_ZEROES, to be done in steps.
+    fn start_zero(&mut self, head: Head, offset: u64, len: u64, mode: ZeroMode) {
+        let disk = &self.negotiated_ref().export.disk;
+        match disk.start_zero(offset, len, mode) {
+            Ok(update) => self.ongoing = Some(Ongoing::Zeroing { head, update }),
+            Err(NoSpace) => self.complete(head, Outcome::Failed(over_cap())),
+        }
+    }
+
+    /// Takes a long request one step further. `Some(wait)`: it is not done and waits for
+    /// that; `None`: it completed (or made progress and the loop can go on).
+    fn advance(&mut self, ongoing: Ongoing<'a>) -> Option<Produced> {
+        match ongoing {
+            Ongoing::Receiving { head, mut update } => {
+                let n = update.remaining().min(self.input.len() as u64) as usize;
+                update.write(&self.input.filled()[..n]);
+                self.input.consume(n);
+                if update.remaining() > 0 {
+                    self.ongoing = Some(Ongoing::Receiving { head, update });
+                    return Some(Produced::NeedInput);
+                }
+                drop(update);
+                self.complete(head, Outcome::Done);
+            }
+            Ongoing::Skipping {
+                head,
+                mut left,
+                failure,
+            } => {
+                let n = left.min(self.input.len() as u64);
+                self.input.consume(n as usize);
+                left -= n;
+                if left > 0 {
+                    self.ongoing = Some(Ongoing::Skipping {
+                        head,
+                        left,
+                        failure,
+                    });
+                    return Some(Produced::NeedInput);
+                }
+                self.complete(head, Outcome::Failed(failure));
+            }
+            Ongoing::Zeroing { head, mut update } => {
+                if !update.zero_step() {
+                    self.ongoing = Some(Ongoing::Zeroing { head, update });
+                    return Some(Produced::Yield);
+                }
+                drop(update);
+                self.complete(head, Outcome::Done);
+            }
+            Ongoing::Sending {
+                head,
+                mut next,
+                end,
+                mut chunk_end,
+            } => {
+                if next == end {
+                    // Only a zero-length read with simple replies gets here: header only.
+                    self.meter(head, false);
+                    return None;
+                }
+                if next == chunk_end {
+                    // Structured replies: the next data chunk starts here (a simple reply's
+                    // one header covers everything, so its `chunk_end` is the end).
+                    let len = (end - next).min(MAX_DATA_CHUNK);
+                    chunk_end = next + len;
+                    let last = chunk_end == end;
+                    self.mode.read_data(
+                        &mut self.output,
+                        head.cookie,
+                        head.offset,
+                        next,
+                        len,
+                        last,
+                    );
+                }
+                let n = (chunk_end - next).min(self.output.room() as u64) as usize;
+                let disk = &self.negotiated_ref().export.disk;
+                disk.read(next, self.output.spare(n));
+                self.output.commit(n);
+                next += n as u64;
+                if next == end {
+                    self.meter(head, false);
+                } else {
+                    self.ongoing = Some(Ongoing::Sending {
+                        head,
+                        next,
+                        end,
+                        chunk_end,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// The completion point: encodes the reply to a finished request and meters it (a READ's
+    /// data follows through [`Ongoing::Sending`], which meters it when the last byte is in).
+    fn complete(&mut self, head: Head, outcome: Outcome) {
+        let Head { cookie, offset, .. } = head;
+        let mode = self.mode;
+        let out = &mut self.output;
+        match outcome {
+            Outcome::Done => {
+                mode.done(out, cookie, offset);
+                self.meter(head, false);
+            }
+            Outcome::Failed(Failure(errno, message)) => {
+                tracing::debug!(%errno, message, offset, "request failed");
+                mode.error(out, cookie, offset, errno, message);
+                self.meter(head, true);
+            }
+            Outcome::Data { offset: at, len } => {
+                if len == 0 && mode != ReplyMode::Simple {
+                    // A zero-length read needs no data chunk.
+                    mode.done(out, cookie, offset);
+                    self.meter(head, false);
+                    return;
+                }
+                // Simple replies: one header, then all the data. Structured: the first data
+                // chunk's header is written by the first `Sending` step.
+                let chunk_end = if mode == ReplyMode::Simple {
+                    mode.read_data(out, cookie, offset, at, len, true);
+                    at + len
+                } else {
+                    at
+                };
+                self.ongoing = Some(Ongoing::Sending {
+                    head,
+                    next: at,
+                    end: at + len,
+                    chunk_end,
+                });
+            }
+            Outcome::Extents {
+                offset: at,
+                len,
+                one,
+                context,
+            } => {
+                let limit = if one { 1 } else { MAX_EXTENTS_PER_REPLY };
+                // The header goes first but says how many descriptors follow: leave room for
+                // it and write it once they are counted.
+                let header_at = out.encoded();
+                out.commit(mode.block_status_header_len());
+                let mut count = 0;
+                let disk = &self.negotiated.export.disk;
+                for (length, extent) in disk.extents(at, len).take(limit) {
+                    let flags = match extent {
+                        Extent::Hole => STATE_HOLE | STATE_ZERO,
+                        Extent::Data => 0,
+                    };
+                    mode.block_status_descriptor(out, length, flags);
+                    count += 1;
+                }
+                let header = mode.block_status_header(cookie, offset, context, count);
+                out.patch(header_at, header.as_slice());
+                self.meter(head, false);
+            }
+        }
+    }
+
+    /// Shutdown's closing phase: nothing more will be read, so a request still waiting for
+    /// its payload is dropped unanswered (its write partly applied, as a power cut would
+    /// leave it).
+    fn abandon_input(&mut self) {
+        if matches!(
+            self.ongoing,
+            Some(Ongoing::Receiving { .. } | Ongoing::Skipping { .. })
+        ) {
+            tracing::debug!("shutdown: dropping a request whose payload is still arriving");
+            self.ongoing = None;
+        }
+    }
+
+    /// Notes, for metrics, a request whose reply is now completely encoded.
+    fn meter(&mut self, head: Head, failed: bool) {
+        if self.metrics.is_none() {
+            return;
+        }
+        self.unsent_meters.push_back(Meter {
+            command: head.command,
+            length: head.length,
+            failed,
+            arrived: head.arrived.unwrap_or_else(Instant::now),
+            reply_end: self.output.stream_position(),
+        });
+    }
+
+    /// Accounts for `written` bytes of replies having been written. A request whose reply is
+    /// now completely written is counted for metrics.
     fn sent(&mut self, written: usize) {
-        self.sent += written;
+        self.output.written(written);
         if let Some(metrics) = self.metrics {
-            let sent_through = self.send_base + (self.sent - self.pad) as u64;
+            let sent_through = self.output.sent_total();
             let mut now = None;
             while let Some(meter) = self.unsent_meters.front() {
                 if meter.reply_end > sent_through {
@@ -251,302 +589,26 @@ impl Connection<'_> {
                 self.unsent_meters.pop_front();
             }
         }
-        if self.sent == self.send.len() {
-            self.send_base += (self.send.len() - self.pad) as u64;
-            self.send.truncate(self.pad);
-            self.sent = self.pad;
-        }
     }
 
-    /// Notes, for metrics, a request whose reply has just been encoded.
-    fn meter(&mut self, request: &Request, failed: bool) {
-        if self.metrics.is_none() {
-            return;
-        }
-        let tail = self.read_tail.map_or(0, |(_, len)| len);
-        self.unsent_meters.push_back(Meter {
-            command: request.command,
-            length: request.length,
-            failed,
-            arrived: self.received_at.unwrap_or_else(Instant::now),
-            reply_end: self.send_base + (self.send.len() - self.pad) as u64 + tail,
-        });
+    fn extended(&self) -> bool {
+        self.negotiated.extended
     }
 
-    /// Turns received requests into replies until the send buffer is full, a request is
-    /// incomplete, or the client disconnects. Errors only for a stream out of sync.
-    fn produce(&mut self) -> io::Result<Produced> {
-        loop {
-            if self.send.len() >= SEND_BATCH {
-                return Ok(Produced::SendBufferFull);
-            }
-            if let Some((offset, len)) = self.read_tail {
-                // Copy READ data in batch-sized pieces so a 32 MiB read never needs a 32 MiB
-                // send buffer.
-                let piece = len.min(SEND_BATCH as u64);
-                self.negotiated
-                    .export
-                    .disk
-                    .read_into(offset, piece as usize, &mut self.send);
-                self.read_tail = (piece < len).then_some((offset + piece, len - piece));
-                continue;
-            }
-            if self.skip > 0 {
-                let skipped = self.skip.min(self.received.len() as u64);
-                self.received.advance(skipped as usize);
-                self.skip -= skipped;
-                if self.skip > 0 {
-                    return Ok(Produced::NeedInput);
-                }
-            }
-            let (request, header_len) =
-                match decode_request(&self.received, self.negotiated.extended) {
-                    Decoded::Request {
-                        request,
-                        header_len,
-                    } => (request, header_len),
-                    Decoded::Incomplete => return Ok(Produced::NeedInput),
-                    Decoded::BadMagic(magic) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("bad request magic {magic:#x}: stream out of sync"),
-                        ));
-                    }
-                };
-            self.stats.requests += 1;
-            if request.command == CMD_DISC {
-                tracing::debug!("client disconnect (DISC)");
-                return Ok(Produced::Disconnect);
-            }
-            let completion = if request.payload_len > u64::from(MAX_PAYLOAD) {
-                // Refused without buffering it: skip the payload to stay in sync.
-                self.received.advance(header_len);
-                self.skip = request.payload_len;
-                done(
-                    &request,
-                    Err(Failure(Errno::Inval, "payload larger than 32 MiB")),
-                )
-            } else {
-                let total = header_len + request.payload_len as usize;
-                if self.received.len() < total {
-                    self.received.reserve(total - self.received.len());
-                    return Ok(Produced::NeedInput);
-                }
-                let completion = if self.draining {
-                    done(
-                        &request,
-                        Err(Failure(Errno::Shutdown, "server is shutting down")),
-                    )
-                } else {
-                    execute(self.negotiated, &request, &self.received[header_len..total])
-                };
-                self.received.advance(total);
-                if self.received.is_empty() && self.received.capacity() > RECEIVE_BUFFER_KEPT {
-                    // A very large request grew the buffer; give that memory back. Buffers for
-                    // ordinary large I/O (1-4 MiB) are kept: reallocating one per request
-                    // costs more than the copy it holds.
-                    self.received = BytesMut::with_capacity(RECEIVE_BUFFER);
-                }
-                completion
-            };
-            let failed = matches!(completion, Completion::Done { result: Err(_), .. });
-            self.encode(completion);
-            self.meter(&request, failed);
-        }
+    /// The negotiated state, borrowed for as long as the connection lives (not just `self`),
+    /// so that store updates started from it can be kept in [`Ongoing`].
+    fn negotiated_ref(&self) -> &'a Negotiated {
+        self.negotiated
     }
-
-    /// Appends a reply to the send buffer; READ data follows through `read_tail`.
-    fn encode(&mut self, completion: Completion) {
-        let out = &mut self.send;
-        match completion {
-            Completion::Done {
-                cookie,
-                offset,
-                result: Ok(()),
-            } => self.mode.done(out, cookie, offset),
-            Completion::Done {
-                cookie,
-                offset,
-                result: Err(Failure(errno, message)),
-            } => {
-                tracing::debug!(%errno, message, offset, "request failed");
-                self.mode.error(out, cookie, offset, errno, message);
-            }
-            Completion::Read {
-                cookie,
-                offset,
-                len,
-            } => {
-                self.mode.read_header(out, cookie, offset, len);
-                self.read_tail = (len > 0).then_some((offset, len));
-            }
-            Completion::BlockStatus {
-                cookie,
-                offset,
-                context,
-                extents,
-            } => {
-                self.mode
-                    .block_status(out, cookie, offset, context, &extents);
-            }
-        }
-    }
-}
-
-fn done(request: &Request, result: Result<(), Failure>) -> Completion {
-    Completion::Done {
-        cookie: request.cookie,
-        offset: request.offset,
-        result,
-    }
-}
-
-/// Validates a request and performs it. Check order follows the spec's error table: flags
-/// first, then permission, then range.
-fn execute(negotiated: &Negotiated, request: &Request, payload: &[u8]) -> Completion {
-    match try_execute(negotiated, request, payload) {
-        Ok(completion) => completion,
-        Err(failure) => done(request, Err(failure)),
-    }
-}
-
-fn try_execute(
-    negotiated: &Negotiated,
-    request: &Request,
-    payload: &[u8],
-) -> Result<Completion, Failure> {
-    let export = &negotiated.export;
-    let Request {
-        flags,
-        command,
-        cookie,
-        offset,
-        length,
-        ..
-    } = *request;
-    if flags & !allowed_flags(command, negotiated) != 0 {
-        return Err(Failure(
-            Errno::Inval,
-            "unknown or invalid flag for this command",
-        ));
-    }
-    if negotiated.extended && command != CMD_WRITE && request.payload_len != 0 {
-        return Err(Failure(Errno::Inval, "this command takes no payload"));
-    }
-    let ok = Ok(done(request, Ok(())));
-    match command {
-        CMD_READ => {
-            if length > u64::from(MAX_PAYLOAD) {
-                return Err(Failure(Errno::Inval, "read larger than 32 MiB"));
-            }
-            check_range(export, offset, length, Errno::Inval)?;
-            Ok(Completion::Read {
-                cookie,
-                offset,
-                len: length,
-            })
-        }
-        CMD_WRITE => {
-            check_writable(export)?;
-            check_range(export, offset, length, Errno::NoSpc)?;
-            export.disk.write(offset, payload).map_err(over_cap)?;
-            ok
-        }
-        // Writes are in RAM, visible to every connection, by the time they are replied to:
-        // nothing to flush.
-        CMD_FLUSH => ok,
-        CMD_TRIM => {
-            check_writable(export)?;
-            check_range(export, offset, length, Errno::Inval)?;
-            export.disk.zero(offset, length, true).map_err(over_cap)?;
-            ok
-        }
-        CMD_CACHE => {
-            check_range(export, offset, length, Errno::Inval)?;
-            ok
-        }
-        CMD_WRITE_ZEROES => {
-            check_writable(export)?;
-            check_range(export, offset, length, Errno::NoSpc)?;
-            // NO_HOLE asks for the range to stay allocated, so write real zeroes then.
-            export
-                .disk
-                .zero(offset, length, flags & CMD_FLAG_NO_HOLE == 0)
-                .map_err(over_cap)?;
-            ok
-        }
-        CMD_BLOCK_STATUS => {
-            let Some(context) = negotiated.base_allocation else {
-                return Err(Failure(Errno::Inval, "no metadata context negotiated"));
-            };
-            if length == 0 {
-                return Err(Failure(Errno::Inval, "zero-length block status"));
-            }
-            check_range(export, offset, length, Errno::Inval)?;
-            let limit = if flags & CMD_FLAG_REQ_ONE != 0 {
-                1
-            } else {
-                MAX_EXTENTS
-            };
-            let extents = export
-                .disk
-                .extents(offset, length, limit)
-                .into_iter()
-                .map(|(len, state)| {
-                    (
-                        len,
-                        if state == Extent::Hole {
-                            STATE_HOLE | STATE_ZERO
-                        } else {
-                            0
-                        },
-                    )
-                })
-                .collect();
-            Ok(Completion::BlockStatus {
-                cookie,
-                offset,
-                context,
-                extents,
-            })
-        }
-        _ => Err(Failure(Errno::Inval, "unknown command")),
-    }
-}
-
-/// Flags each command accepts. FUA is accepted on every command, as the spec requires once
-/// SEND_FUA is advertised.
-fn allowed_flags(command: u16, negotiated: &Negotiated) -> u16 {
-    let specific = match command {
-        CMD_READ if negotiated.structured => CMD_FLAG_DF,
-        CMD_WRITE if negotiated.extended => CMD_FLAG_PAYLOAD_LEN,
-        CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        _ => 0,
-    };
-    CMD_FLAG_FUA | specific
 }
 
 /// The memory cap is full: ENOSPC, which the spec names for "no space" conditions.
-fn over_cap(_: NoSpace) -> Failure {
+fn over_cap() -> Failure {
     Failure(
         Errno::NoSpc,
         "memory cap reached: trim or zero data to make room",
     )
 }
 
-fn check_writable(export: &Export) -> Result<(), Failure> {
-    if export.read_only {
-        Err(Failure(Errno::Perm, "export is read-only"))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_range(export: &Export, offset: u64, len: u64, past_end: Errno) -> Result<(), Failure> {
-    match offset.checked_add(len) {
-        None => Err(Failure(Errno::Inval, "offset + length overflows")),
-        Some(end) if end > export.size() => Err(Failure(past_end, "beyond the end of the export")),
-        Some(_) => Ok(()),
-    }
-}
+// A whole-payload request and its header always fit the receive buffer.
+const _: () = assert!(RECEIVE_CAPACITY >= WHOLE_PAYLOAD + EXTENDED_HEADER_LEN);

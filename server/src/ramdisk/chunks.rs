@@ -1,0 +1,245 @@
+//! Chunk locks and their guards: the only way to touch an export's bytes.
+//!
+//! The export is cut into [`CHUNK_SIZE`] chunks. Every chunk is guarded by one of
+//! [`LOCK_COUNT`] cache-padded `RwLock`s (chunk index modulo the lock count, so a 1 TiB export
+//! costs no more lock memory than a small one). Copying out of a chunk is a method of its
+//! [`ReadGuard`]; copying in, zero-filling, checking for zeroes, giving pages back and setting
+//! allocation bits are methods of its [`WriteGuard`]. So "the lock is held" is a fact the
+//! compiler checks, not a comment: no function here can reach the bytes without a guard, and
+//! every guard method checks that its range lies inside the guarded chunk (and inside the
+//! export), so no argument a caller passes can make an access unsound — a wrong one panics.
+//!
+//! Rules for users of this module: hold one guard at a time (two chunks may share a lock), and
+//! never across an `.await` (the API is synchronous, and clippy's `await_holding_lock` is denied).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::alloc_map::AllocationMap;
+use super::backing::Backing;
+use super::{CHUNK_SIZE, PAGE_SIZE};
+
+/// Number of chunk locks, whatever the export size.
+const LOCK_COUNT: usize = 1024;
+
+/// One chunk lock on its own cache line, so that neighbouring locks taken by different threads
+/// do not bounce a shared line between cores.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+struct ChunkLock(RwLock<()>);
+
+/// An export's bytes, its allocation map and the locks that order access to both.
+#[derive(Debug)]
+pub(super) struct Chunks {
+    /// The export's size: no guard reaches a byte at or past it.
+    size: u64,
+    backing: Box<dyn Backing>,
+    map: AllocationMap,
+    locks: Box<[ChunkLock]>,
+}
+
+impl Chunks {
+    pub(super) fn new(size: u64, backing: Box<dyn Backing>, map: AllocationMap) -> Self {
+        assert!(
+            backing.map().len() as u64 >= size,
+            "the backing is smaller than the export"
+        );
+        assert_eq!(map.words() as u64, size.div_ceil(CHUNK_SIZE));
+        Self {
+            size,
+            backing,
+            map,
+            locks: (0..LOCK_COUNT).map(|_| ChunkLock::default()).collect(),
+        }
+    }
+
+    pub(super) fn backing(&self) -> &dyn Backing {
+        &*self.backing
+    }
+
+    pub(super) fn map(&self) -> &AllocationMap {
+        &self.map
+    }
+
+    /// The bytes of `chunk` that belong to the export.
+    fn span(&self, chunk: u64) -> Range<u64> {
+        let start = chunk * CHUNK_SIZE;
+        assert!(start < self.size, "chunk {chunk} is past the export's end");
+        start..(start + CHUNK_SIZE).min(self.size)
+    }
+
+    fn lock(&self, chunk: u64) -> &RwLock<()> {
+        &self.locks[(chunk % LOCK_COUNT as u64) as usize].0
+    }
+
+    pub(super) fn read(&self, chunk: u64) -> ReadGuard<'_> {
+        let span = self.span(chunk);
+        // A poisoned lock only means another thread panicked while holding it; the data it
+        // guards is plain bytes with no invariant to break, so carry on.
+        let lock = self.lock(chunk).read().unwrap_or_else(|p| p.into_inner());
+        ReadGuard {
+            _lock: lock,
+            chunks: self,
+            word: self.map.word(chunk),
+            span,
+        }
+    }
+
+    pub(super) fn write(&self, chunk: u64) -> WriteGuard<'_> {
+        let span = self.span(chunk);
+        let lock = self.lock(chunk).write().unwrap_or_else(|p| p.into_inner());
+        WriteGuard {
+            _lock: lock,
+            chunks: self,
+            word: self.map.word(chunk),
+            span,
+        }
+    }
+}
+
+/// Panics unless `range` lies inside `span`.
+fn check_inside(range: &Range<u64>, span: &Range<u64>) {
+    assert!(
+        span.start <= range.start && range.start <= range.end && range.end <= span.end,
+        "range {range:?} is outside the guarded chunk {span:?}"
+    );
+}
+
+/// Shared access to one chunk: its bytes can be copied out.
+#[derive(Debug)]
+pub(super) struct ReadGuard<'a> {
+    _lock: RwLockReadGuard<'a, ()>,
+    chunks: &'a Chunks,
+    word: &'a AtomicU64,
+    span: Range<u64>,
+}
+
+impl ReadGuard<'_> {
+    /// The chunk's allocation bits (bit n: page n of the chunk may hold data).
+    pub(super) fn allocated(&self) -> u64 {
+        self.word.load(Ordering::Acquire)
+    }
+
+    /// Copies `dst.len()` bytes starting at export offset `offset` into `dst`.
+    pub(super) fn copy_out(&self, offset: u64, dst: &mut [u8]) {
+        check_inside(&(offset..offset + dst.len() as u64), &self.span);
+        // SAFETY: the range lies inside the guarded chunk, which lies inside the export and so
+        // inside the mapping. We hold the chunk's read lock, so no writer changes these bytes
+        // during the copy; `dst` is a `&mut` the caller owns, so it cannot overlap the mapping
+        // (this module never hands out references into it).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.chunks.backing.map().as_ptr().add(offset as usize),
+                dst.as_mut_ptr(),
+                dst.len(),
+            );
+        }
+    }
+}
+
+/// Exclusive access to one chunk: its bytes and allocation bits can change.
+#[derive(Debug)]
+pub(super) struct WriteGuard<'a> {
+    _lock: RwLockWriteGuard<'a, ()>,
+    chunks: &'a Chunks,
+    word: &'a AtomicU64,
+    span: Range<u64>,
+}
+
+impl WriteGuard<'_> {
+    pub(super) fn allocated(&self) -> u64 {
+        self.word.load(Ordering::Acquire)
+    }
+
+    /// The bytes of the page starting at `page` that belong to the export (the last page of an
+    /// export whose size is not a page multiple is cut short).
+    pub(super) fn page_span(&self, page: u64) -> Range<u64> {
+        assert_eq!(page % PAGE_SIZE, 0, "not a page start");
+        let span = page..(page + PAGE_SIZE).min(self.span.end);
+        check_inside(&span, &self.span);
+        span
+    }
+
+    /// Copies `src` to export offset `offset`.
+    pub(super) fn copy_in(&mut self, offset: u64, src: &[u8]) {
+        check_inside(&(offset..offset + src.len() as u64), &self.span);
+        // SAFETY: inside the guarded chunk, so inside the mapping; we hold the chunk's write
+        // lock, so nothing else reads or writes these bytes meanwhile; `src` is a shared
+        // reference the caller owns, so it cannot overlap the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.chunks.backing.map().as_mut_ptr().add(offset as usize),
+                src.len(),
+            );
+        }
+    }
+
+    /// Writes zeroes over `range`.
+    pub(super) fn fill_zero(&mut self, range: Range<u64>) {
+        check_inside(&range, &self.span);
+        // SAFETY: inside the guarded chunk and the mapping; exclusive under the write lock.
+        unsafe {
+            std::ptr::write_bytes(
+                self.chunks
+                    .backing
+                    .map()
+                    .as_mut_ptr()
+                    .add(range.start as usize),
+                0,
+                (range.end - range.start) as usize,
+            );
+        }
+    }
+
+    /// Whether every byte of `range` is zero.
+    pub(super) fn is_zero(&self, range: Range<u64>) -> bool {
+        check_inside(&range, &self.span);
+        // SAFETY: inside the guarded chunk and the mapping. We hold the write lock, so nothing
+        // writes these bytes while the slice lives, and it does not outlive this statement.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                self.chunks.backing.map().as_ptr().add(range.start as usize),
+                (range.end - range.start) as usize,
+            )
+        };
+        super::is_zero(bytes)
+    }
+
+    /// Gives the whole pages of `pages` back to the system and clears their allocation bits;
+    /// they read as zero afterwards. Returns how many held pages were freed. If the system
+    /// refuses (not expected for our own mapping), the pages are zero-filled instead and stay
+    /// allocated, so they still read as zero.
+    pub(super) fn discard(&mut self, pages: Range<u64>) -> u64 {
+        check_inside(&pages, &self.span);
+        assert!(
+            pages.start.is_multiple_of(PAGE_SIZE)
+                && (pages.end.is_multiple_of(PAGE_SIZE) || pages.end == self.span.end),
+            "{pages:?} is not a run of whole pages"
+        );
+        // The last page of an odd-sized export is discarded whole: the mapping covers it.
+        let mapped = pages.start as usize..(pages.end.div_ceil(PAGE_SIZE) * PAGE_SIZE) as usize;
+        // SAFETY: the pages lie inside the guarded chunk's part of the mapping (checked above;
+        // its bytes past the export's end are never read or written), and we hold the chunk's
+        // write lock, so nothing else accesses them and no reference into them exists.
+        if let Err(err) = unsafe { self.chunks.backing.discard(mapped) } {
+            tracing::warn!(%err, "giving pages back failed, zero-filling instead");
+            self.fill_zero(pages);
+            return 0;
+        }
+        let first = (pages.start % CHUNK_SIZE) / PAGE_SIZE;
+        let count = pages.end.div_ceil(PAGE_SIZE) - pages.start / PAGE_SIZE;
+        let bits = if count == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << count) - 1) << first
+        };
+        self.chunks.map.clear(self.word, bits)
+    }
+
+    /// Sets allocation bits; returns how many pages became newly allocated.
+    pub(super) fn mark_allocated(&mut self, bits: u64) -> u64 {
+        self.chunks.map.set(self.word, bits)
+    }
+}
