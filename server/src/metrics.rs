@@ -78,8 +78,9 @@ impl ExportMetrics {
             slot.bytes.fetch_add(bytes, Relaxed);
         }
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        let us = ns / 1000;
-        let bucket = BUCKETS_US.partition_point(|&bound| bound < us);
+        // Compared in nanoseconds: a bucket holds what is at most its bound (10.9 µs is not
+        // in the 10 µs bucket).
+        let bucket = BUCKETS_US.partition_point(|&bound| bound * 1000 < ns);
         slot.buckets[bucket].fetch_add(1, Relaxed);
         slot.latency_sum_ns.fetch_add(ns, Relaxed);
     }
@@ -94,6 +95,24 @@ pub struct Metrics {
     by_name: HashMap<String, usize>,
     connections_open: AtomicU64,
     connections_total: AtomicU64,
+    resident: ResidentSamples,
+}
+
+/// How old a sample of the exports' resident bytes may be before a scrape starts a new one.
+const RESIDENT_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// Resident bytes per export, sampled off the scrape path: asking the kernel (`mincore`) costs
+/// in proportion to the data an export holds, so a scrape only reads the last sample and, if
+/// it is old, starts a new one on the blocking pool. A value is at most one scrape interval
+/// plus [`RESIDENT_MAX_AGE`] old; before the first sample it is 0.
+#[derive(Debug, Default)]
+struct ResidentSamples {
+    /// Same order as the exports.
+    bytes: Vec<AtomicU64>,
+    taken_at: std::sync::Mutex<Option<std::time::Instant>>,
+    sampling: std::sync::atomic::AtomicBool,
+    /// Samples taken, for tests.
+    count: AtomicU64,
 }
 
 impl Metrics {
@@ -104,13 +123,43 @@ impl Metrics {
             per_export.push(Arc::default());
             by_name.insert(export.name.clone(), i);
         }
+        let resident = ResidentSamples {
+            bytes: exports.iter().map(|_| AtomicU64::new(0)).collect(),
+            ..ResidentSamples::default()
+        };
         Arc::new(Metrics {
             exports,
             per_export,
             by_name,
             connections_open: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
+            resident,
         })
+    }
+
+    /// Starts sampling resident bytes on the blocking pool if the last sample is older than
+    /// [`RESIDENT_MAX_AGE`] and no sampling runs. Call from within the runtime.
+    pub fn refresh_resident(self: &Arc<Self>) {
+        let stale = self
+            .resident
+            .taken_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|at| at.elapsed() >= RESIDENT_MAX_AGE);
+        if !stale || self.resident.sampling.swap(true, Relaxed) {
+            return;
+        }
+        let metrics = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let resident = &metrics.resident;
+            for (export, bytes) in metrics.exports.iter().zip(&resident.bytes) {
+                bytes.store(export.disk.resident_bytes(), Relaxed);
+            }
+            *resident.taken_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::time::Instant::now());
+            resident.count.fetch_add(1, Relaxed);
+            resident.sampling.store(false, Relaxed);
+        });
     }
 
     /// The handle a connection to `export` counts its requests with.
@@ -165,29 +214,30 @@ impl Collector for Metrics {
         )?;
         m.encode_counter::<NoLabelSet, _, u64>(&self.connections_total.load(Relaxed), None)?;
 
-        type Gauge = fn(&crate::export::Export) -> u64;
+        type Gauge = fn(&Metrics, usize, &crate::export::Export) -> u64;
         let gauges: [(&str, &str, Gauge); 3] = [
             (
                 "ramnbd_export_size_bytes",
                 "Size of the export as clients see it",
-                |e| e.size(),
+                |_, _, e| e.size(),
             ),
             (
                 "ramnbd_export_allocated_bytes",
                 "Bytes of the export backed by memory (written and not trimmed)",
-                |e| e.disk.allocated_bytes(),
+                |_, _, e| e.disk.allocated_bytes(),
             ),
             (
                 "ramnbd_export_resident_bytes",
-                "Bytes of the export resident in RAM now (not swapped out)",
-                |e| e.disk.resident_bytes(),
+                "Bytes of the export resident in RAM (not swapped out), sampled at most 10 s ago",
+                |m, i, _| m.resident.bytes[i].load(Relaxed),
             ),
         ];
         for (name, help, value) in gauges {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for export in self.exports.iter() {
+            for (i, export) in self.exports.iter().enumerate() {
                 let labels = [("export", export.name.as_str())];
-                m.encode_family(&labels)?.encode_gauge(&value(export))?;
+                m.encode_family(&labels)?
+                    .encode_gauge(&value(self, i, export))?;
             }
         }
 
@@ -315,11 +365,14 @@ async fn answer(mut stream: TcpStream, metrics: &Arc<Metrics>) -> io::Result<()>
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => (
-            "200 OK",
-            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-            metrics.render(),
-        ),
+        ("GET" | "HEAD", "/metrics") => {
+            metrics.refresh_resident();
+            (
+                "200 OK",
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                metrics.render(),
+            )
+        }
         ("GET" | "HEAD", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
@@ -387,6 +440,19 @@ mod tests {
             "ramnbd_request_duration_seconds_bucket{export=\"b\",command=\"read\",le=\"+Inf\"} 1",
             "ramnbd_request_duration_seconds_sum{export=\"b\",command=\"read\"} 20.0",
             "ramnbd_request_duration_seconds_count{export=\"b\",command=\"write\"} 2",
+            "ramnbd_export_resident_bytes{export=\"b\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+        // A latency just over a bucket's bound is counted in the next bucket, not that one.
+        b.record(CMD_FLUSH, 0, false, Duration::from_nanos(10_900));
+        let text = metrics.render();
+        for line in [
+            "ramnbd_request_duration_seconds_bucket{export=\"b\",command=\"flush\",le=\"1e-05\"} 0",
+            "ramnbd_request_duration_seconds_bucket{export=\"b\",command=\"flush\",le=\"2.5e-05\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -397,5 +463,52 @@ mod tests {
         assert!(!text.contains("export=\"\",command="), "{text}");
         drop(guard);
         assert!(metrics.render().contains("ramnbd_connections_open 0\n"));
+    }
+}
+
+#[cfg(test)]
+mod resident_tests {
+    use super::*;
+    use crate::config::ExportConfig;
+
+    #[tokio::test]
+    async fn scrapes_read_a_sample_taken_off_the_scrape_path() {
+        let config = ExportConfig {
+            name: "a".to_owned(),
+            size: 64 << 20,
+            read_only: false,
+            description: String::new(),
+            max_memory: None,
+        };
+        let exports = Arc::new(Exports::new(&[config]).unwrap());
+        exports
+            .get("a")
+            .unwrap()
+            .disk
+            .write(0, &[7; 3 * 4096])
+            .unwrap();
+        let metrics = Metrics::new(exports);
+        // Rendering alone never samples: its cost does not grow with the data held.
+        for _ in 0..3 {
+            assert!(
+                metrics
+                    .render()
+                    .contains("ramnbd_export_resident_bytes{export=\"a\"} 0\n")
+            );
+        }
+        assert_eq!(metrics.resident.count.load(Relaxed), 0);
+        // A scrape starts one sample in the background; scrapes soon after start no more.
+        for _ in 0..5 {
+            metrics.refresh_resident();
+        }
+        while metrics.resident.count.load(Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        metrics.refresh_resident();
+        assert_eq!(metrics.resident.count.load(Relaxed), 1);
+        assert!(metrics.render().contains(&format!(
+            "ramnbd_export_resident_bytes{{export=\"a\"}} {}\n",
+            3 * 4096
+        )));
     }
 }
