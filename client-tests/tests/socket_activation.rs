@@ -296,3 +296,55 @@ fn libnbd_socket_activation() {
     assert_eq!(json["exports"][0]["export-size"], 5 * MIB, "{info}");
     assert_eq!(json["exports"][0]["is_read_only"], true, "{info}");
 }
+
+/// The notifications a server sends in its first 1.5 s with `WATCHDOG_USEC` set to `usec`
+/// (unset for `None`).
+fn notifications_with_watchdog(usec: Option<&str>) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = NotifySocket::bind(&dir.path().join("notify"));
+    let mut command = Command::new(ramnbd_bin());
+    command
+        .args(["--no-config", "-s", "1M", "-l", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", dir.path().join("notify"))
+        .env_remove("WATCHDOG_PID");
+    match usec {
+        Some(usec) => command.env("WATCHDOG_USEC", usec),
+        None => command.env_remove("WATCHDOG_USEC"),
+    };
+    let server = Spawned::new(command);
+    notify
+        .0
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = notify.0.recv(&mut buf) {
+            lines.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_owned),
+            );
+        }
+    }
+    server.terminate();
+    lines
+}
+
+#[test]
+fn the_watchdog_is_pinged_only_when_systemd_asks_for_it() {
+    let pings = |lines: &[String]| lines.iter().filter(|l| *l == "WATCHDOG=1").count();
+    let asked = notifications_with_watchdog(Some("400000"));
+    assert!(asked.iter().any(|l| l == "READY=1"), "{asked:?}");
+    assert!(
+        pings(&asked) >= 3,
+        "WatchdogSec=0.4s: pinged every 0.2 s: {asked:?}"
+    );
+    // Unset, or 0 (which sd_watchdog_enabled(3) treats as not enabled): no pings.
+    for usec in [None, Some("0")] {
+        let lines = notifications_with_watchdog(usec);
+        assert!(lines.iter().any(|l| l == "READY=1"), "{lines:?}");
+        assert_eq!(pings(&lines), 0, "WATCHDOG_USEC={usec:?}: {lines:?}");
+    }
+}

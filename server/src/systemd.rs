@@ -15,8 +15,13 @@ use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use listenfd::ListenFd;
 use sd_notify::NotifyState;
+
+/// The first descriptor socket activation passes (`sd_listen_fds(3)`).
+const SD_LISTEN_FDS_START: usize = 3;
 
 /// A listening socket handed over by the service manager.
 #[derive(Debug)]
@@ -44,12 +49,16 @@ pub fn take_activation() -> io::Result<Option<Vec<Inherited>>> {
     let names: Vec<&str> = names.split(':').collect();
     let mut sockets = Vec::with_capacity(fds.len());
     for idx in 0..fds.len() {
-        let fd = 3 + idx;
         let name = names.get(idx).copied().unwrap_or("").to_owned();
+        // Named in messages by the descriptor listenfd takes for this index (the protocol's
+        // SD_LISTEN_FDS_START + idx), read back from the socket where there is one.
+        let mut fd = idx + SD_LISTEN_FDS_START;
         // A TCP listener is tried first; on a Unix socket that fails and leaves the fd in place.
         let socket = if let Ok(Some(tcp)) = fds.take_tcp_listener(idx) {
+            fd = tcp.as_raw_fd() as usize;
             InheritedSocket::Tcp(tcp)
         } else if let Ok(Some(unix)) = fds.take_unix_listener(idx) {
+            fd = unix.as_raw_fd() as usize;
             let path = unix
                 .local_addr()
                 .ok()
@@ -88,7 +97,9 @@ pub fn stopping(status: &str) {
 /// Sends `WATCHDOG=1` at half the `WatchdogSec=` interval, if one is set, for as long as the
 /// runtime runs.
 pub fn spawn_watchdog() {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
+    // WATCHDOG_USEC=0 means no watchdog (sd_watchdog_enabled(3)); pinging at the 100 ms floor
+    // below would only flood the manager.
+    let Some(interval) = sd_notify::watchdog_enabled().filter(|usec| !usec.is_zero()) else {
         return;
     };
     tracing::debug!(?interval, "systemd watchdog enabled");
