@@ -1,52 +1,12 @@
 //! The Prometheus endpoint: scrape `/metrics` after a known workload and check the counters.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use ramnbd_client_tests::proto::*;
+use ramnbd_client_tests::scrape::{http_get, metrics_addr, value};
 use ramnbd_client_tests::{KIB, MIB, Negotiate, Request, Server};
-
-/// The address from the server's "metrics on http://ADDR/metrics" log line.
-fn metrics_addr(server: &Server) -> SocketAddr {
-    let log = server.stderr_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics on http://"))
-        .unwrap_or_else(|| panic!("no metrics line in the log:\n{log}"));
-    let rest = &line[line.find("http://").unwrap() + "http://".len()..];
-    rest[..rest.find('/').unwrap()].parse().unwrap()
-}
-
-/// GET `path`; returns (status line, headers, body).
-fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: */*\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .expect("a header/body split");
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_owned(), headers.to_owned(), body.to_owned())
-}
-
-/// The value of the sample whose name and labels are exactly `series`.
-fn value(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no series {series} in\n{body}"))
-}
 
 #[test]
 fn counters_after_a_known_workload() {
@@ -195,4 +155,26 @@ fn counters_after_a_known_workload() {
 fn metrics_are_off_by_default() {
     let server = Server::start(&["--no-config", "-s", "1M"]);
     assert!(!server.stderr_text().contains("metrics on"));
+}
+
+#[test]
+fn a_failed_metrics_bind_leaves_no_socket_file_behind() {
+    // The metrics port is taken: startup fails after the NBD listeners were bound, and the
+    // Unix socket the server created must go with it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ramnbd.sock");
+    let output = std::process::Command::new(ramnbd_client_tests::server::ramnbd_bin())
+        .args(["--no-config", "-s", "1M", "-l", "127.0.0.1:0", "-u"])
+        .arg(&socket)
+        .args(["--metrics", &taken.local_addr().unwrap().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "started with its metrics port taken:\n{stderr}"
+    );
+    assert!(stderr.contains("metrics: listen on"), "{stderr}");
+    assert!(!socket.exists(), "{} was left behind", socket.display());
 }
