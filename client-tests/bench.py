@@ -10,6 +10,10 @@ server's median throughput and median server CPU time per request: utime + stime
 shares the CPUs with the server (and, here, with other people's work), wall-clock throughput is
 noisy; the CPU a server spends per request is the part the server controls.
 
+fio's nbd engine (libnbd) asks for structured replies; the Linux kernel's client does not, and
+`--replies simple` makes fio do the same (reads then come back as simple replies). Writes are
+the same either way.
+
 Rows (ids for --rows):
   randread-qd1    4k random reads, 1 in flight (the table also gives mean latency)
   randread-qd32   4k random reads, 32 in flight
@@ -22,7 +26,8 @@ Rows (ids for --rows):
 
     client-tests/bench.py [--reps 3] [--seconds 5] [--transport unix|tcp|both]
                           [--rows ID,...] [--servers ramnbd,nbdkit-1.32,nbdkit-1.42]
-                          [--quick] [--json FILE] [--ramnbd PATH]
+                          [--replies structured|simple] [--quick] [--json FILE]
+                          [--ramnbd PATH]
 
 ramnbd is RAMNBD_BIN, else target/release/ramnbd: build it first (`cargo build --release -p
 ramnbd`); nbdkit-1.42 needs the Debian 13 folder (client-tests/trixie/build.sh). Progress goes
@@ -74,6 +79,37 @@ EXPORT_SIZE = "1G"
 REGION = "512M"  # what the rows on the prefilled servers touch
 QUICK_REGION = "64M"
 
+# fio's nbd engine is libnbd, which asks for structured replies, so reads come back as
+# OFFSET_DATA chunks. The Linux kernel's client never asks: it gets simple replies. Preloaded
+# into fio, this makes libnbd not ask either (`--replies simple`). No libnbd headers needed.
+SIMPLE_REPLIES_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdbool.h>
+struct nbd_handle;
+extern int nbd_set_request_structured_replies(struct nbd_handle *, bool);
+struct nbd_handle *nbd_create(void) {
+    struct nbd_handle *(*real)(void) = (struct nbd_handle *(*)(void))dlsym(RTLD_NEXT, "nbd_create");
+    struct nbd_handle *h = real();
+    if (h)
+        nbd_set_request_structured_replies(h, false);
+    return h;
+}
+"""
+
+
+def fio_env(replies, tmp):
+    """The environment fio runs in: as is, or with the simple-replies shim preloaded."""
+    if replies == "structured":
+        return None
+    source, shim = os.path.join(tmp, "simple-replies.c"), os.path.join(tmp, "simple-replies.so")
+    with open(source, "w") as f:
+        f.write(SIMPLE_REPLIES_SHIM)
+    if shutil.which("gcc") is None:
+        sys.exit("--replies simple needs gcc (Debian package gcc)")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", shim, source, "-ldl"], check=True)
+    return dict(os.environ, LD_PRELOAD=shim)
+
 
 def busy_seconds():
     """CPU time all processes on the machine have used so far (every CPU, idle excluded)."""
@@ -88,7 +124,7 @@ def children_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def fio(uri, row, size, seconds=None):
+def fio(uri, row, size, seconds=None, env=None):
     """Runs one fio job; without `seconds`, writes `size` once instead of running for a time."""
     cmd = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={row.rw}",
@@ -99,7 +135,7 @@ def fio(uri, row, size, seconds=None):
         cmd.append("--rwmixread=70")
     if seconds is not None:
         cmd += [f"--runtime={seconds}", "--time_based"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"fio failed ({' '.join(cmd)}):\n{out.stderr.strip()}")
     # fio's nbd engine may print a line before the JSON document.
@@ -116,11 +152,11 @@ def fio(uri, row, size, seconds=None):
     }
 
 
-def measure(server, row, size, seconds):
+def measure(server, row, size, seconds, env):
     """One fio run against `server`, with its CPU time and what everything else on the box used."""
     cpu, busy, fio_cpu, began = (server.cpu_seconds(), busy_seconds(), children_cpu_seconds(),
                                  time.monotonic())
-    sample = fio(server.uri, row, size, seconds)
+    sample = fio(server.uri, row, size, seconds, env)
     wall = time.monotonic() - began
     server_cpu = server.cpu_seconds() - cpu
     fio_cpu = children_cpu_seconds() - fio_cpu
@@ -136,24 +172,30 @@ def measure(server, row, size, seconds):
     return sample
 
 
-def advertised(server):
-    """The export as nbdinfo sees it, minus what differs between runs."""
-    export = server.info()["exports"][0]
-    return {k: v for k, v in export.items() if k not in ("uri", "export-name")}
+def advertised(server, env):
+    """The export as nbdinfo sees it, minus what differs between runs, and whether a client
+    in fio's environment gets structured replies."""
+    info = server.info(env)
+    if env and info["structured"]:
+        sys.exit("the simple-replies shim did not take: nbdinfo still negotiates structured replies")
+    export = info["exports"][0]
+    return {"structured_replies": info["structured"],
+            **{k: v for k, v in export.items() if k not in ("uri", "export-name")}}
 
 
-def run_transport(transport, kinds, rows, reps, seconds, region, log):
+def run_transport(transport, kinds, rows, reps, seconds, region, replies, log):
     results = {rid: {k: [] for k in kinds} for rid in rows}
     info = {}
     steady_rows = [rid for rid in rows if not ROWS[rid].fresh]
     with tempfile.TemporaryDirectory(prefix="ramnbd-bench-", dir="/tmp") as tmp, \
             contextlib.ExitStack() as stack:
+        env = fio_env(replies, tmp)
         servers = {}
         if steady_rows:
             for kind in kinds:
                 servers[kind] = stack.enter_context(
                     benchlib.start(kind, EXPORT_SIZE, transport, tmp))
-                info[kind] = advertised(servers[kind])
+                info[kind] = advertised(servers[kind], env)
                 fio(servers[kind].uri, ROWS["write-1m"], region)  # the prefill
         for rep in range(reps):
             order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
@@ -162,11 +204,11 @@ def run_transport(transport, kinds, rows, reps, seconds, region, log):
                 for kind in order:
                     if row.fresh:
                         with benchlib.start(kind, EXPORT_SIZE, transport, tmp) as fresh:
-                            info.setdefault(kind, advertised(fresh))
-                            sample = measure(fresh, row, EXPORT_SIZE, None)
+                            info.setdefault(kind, advertised(fresh, env))
+                            sample = measure(fresh, row, EXPORT_SIZE, None, env)
                             sample["rss_after_mib"] = fresh.rss_bytes() / 2**20
                     else:
-                        sample = measure(servers[kind], row, region, seconds)
+                        sample = measure(servers[kind], row, region, seconds, env)
                     results[rid][kind].append(sample)
                     value = sample["iops"] if row.unit == "IOPS" else sample["mibs"]
                     log(f"{transport} round {rep + 1}/{reps} {row.label:30} {kind:12} "
@@ -228,6 +270,9 @@ def main():
                         help="comma-separated, from: " + ", ".join(benchlib.KINDS))
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 1 round of 1 s, {QUICK_REGION} region")
+    parser.add_argument("--replies", choices=["structured", "simple"], default="structured",
+                        help="the read replies fio asks for: structured (libnbd's default) or "
+                        "simple (the Linux kernel's dialect, through a preloaded shim; needs gcc)")
     parser.add_argument("--json", metavar="FILE", help="write every sample and the medians here")
     parser.add_argument("--ramnbd", metavar="PATH", help="the ramnbd binary (default: "
                         "$RAMNBD_BIN, else target/release/ramnbd)")
@@ -263,7 +308,8 @@ def main():
         "ramnbd_bin": benchlib.ramnbd_binary() if "ramnbd" in kinds else None,
         "git": subprocess.run(["git", "-C", benchlib.REPO, "describe", "--always", "--dirty"],
                               capture_output=True, text=True).stdout.strip(),
-        "settings": {"reps": reps, "seconds": seconds, "export_size": EXPORT_SIZE,
+        "settings": {"reps": reps, "seconds": seconds, "replies": args.replies,
+                     "export_size": EXPORT_SIZE,
                      "region": region, "rows": {rid: vars(ROWS[rid]) for rid in rows}},
         "load_before": loadavg(), "transports": {},
     }
@@ -271,7 +317,8 @@ def main():
     began = time.monotonic()
     tables = []
     for transport in transports:
-        results, info = run_transport(transport, kinds, rows, reps, seconds, region, log)
+        results, info = run_transport(transport, kinds, rows, reps, seconds, region,
+                                      args.replies, log)
         report["transports"][transport] = {"advertised": info, "rows": {
             rid: {"label": ROWS[rid].label, "unit": ROWS[rid].unit, "servers": {
                 k: {"median": {key: median_of(results[rid][k], key)
@@ -281,8 +328,8 @@ def main():
     report["wall_s"] = time.monotonic() - began
     report["load_after"] = loadavg()
 
-    print(f"fio {report['fio']} `nbd` engine; {reps} rounds × {seconds:g} s per row, servers "
-          f"interleaved; medians. {EXPORT_SIZE} exports, {region} prefilled region; "
+    print(f"fio {report['fio']} `nbd` engine, {args.replies} replies; {reps} rounds × "
+          f"{seconds:g} s per row, servers interleaved; medians. {EXPORT_SIZE} exports, {region} prefilled region; "
           f"{os.cpu_count()} CPUs; {report['date']}; "
           f"load average {report['load_before'][0]:.2f} before, "
           f"{report['load_after'][0]:.2f} after; {report['wall_s']:.0f} s.")

@@ -125,13 +125,13 @@ class Server:
                 self.fail(f"no NBD handshake after {START_TIMEOUT} s")
             time.sleep(0.05)
 
-    def _nbdinfo(self):
+    def _nbdinfo(self, env=None):
         return subprocess.run(["nbdinfo", "--json", "--no-content", self.uri],
-                              capture_output=True, text=True, timeout=20)
+                              capture_output=True, text=True, timeout=20, env=env)
 
-    def info(self):
+    def info(self, env=None):
         """What the server advertises (nbdinfo --json): sizes, flags, block size constraints."""
-        out = self._nbdinfo()
+        out = self._nbdinfo(env)
         if out.returncode != 0:
             self.fail(f"nbdinfo failed: {out.stderr.strip()}")
         return json.loads(out.stdout)
