@@ -1,142 +1,345 @@
 #!/usr/bin/env python3
-"""Throughput benchmark: ramnbd against nbdkit's memory plugin, side by side in one run.
+"""Throughput benchmark: ramnbd against nbdkit's memory plugin 1.32 and 1.42, in one run.
 
-Both servers run at once on Unix sockets, each prefilled with random data over the region the
-jobs touch (so neither serves reads from never-written holes). Every row runs fio's `nbd` engine
-against each server in turn, the order alternating between repetitions, and the table shows
-medians, the ramnbd / nbdkit ratio, and the server's CPU time per request (utime + stime from
-/proc, divided by the requests fio completed): on a 2-core box where fio shares the CPUs, the
-CPU a server spends per request is the part the server controls.
+For each transport (a Unix socket, then TCP on 127.0.0.1) the three servers run side by side,
+each with a 1 GiB export whose first 512 MiB are prefilled with random data, so that reads copy
+real pages rather than holes. Each round runs every row once against every server, the servers'
+order rotating between rounds, with fio's `nbd` engine (host fio). Per row the table shows each
+server's median throughput and median server CPU time per request: utime + stime from
+/proc/PID/stat over the fio run, divided by the requests fio completed. On a 2-core box where fio
+shares the CPUs with the server (and, here, with other people's work), wall-clock throughput is
+noisy; the CPU a server spends per request is the part the server controls.
 
-    client-tests/bench.py [--reps 3] [--runtime 4] [--ramnbd target/release/ramnbd]
+fio's nbd engine (libnbd) asks for structured replies; the Linux kernel's client does not, and
+`--replies simple` makes fio do the same (reads then come back as simple replies). Writes are
+the same either way.
 
-Builds nothing itself: run `cargo build --release -p ramnbd` first.
+Rows (ids for --rows):
+  randread-qd1    4k random reads, 1 in flight (the table also gives mean latency)
+  randread-qd32   4k random reads, 32 in flight
+  randwrite-qd32  4k random writes, 32 in flight
+  randrw-2conn    4k random 70 % reads / 30 % writes, 2 connections of 32 in flight each
+  read-1m         1 MiB sequential reads, 8 in flight
+  write-1m        1 MiB sequential writes, 8 in flight (overwriting the prefilled data)
+  first-fill      1 MiB sequential writes, 8 in flight, of the whole 1 GiB export of a freshly
+                  started, empty server (a new server process each round): the allocation path
+
+    client-tests/bench.py [--reps 3] [--seconds 5] [--transport unix|tcp|both]
+                          [--rows ID,...] [--servers ramnbd,nbdkit-1.32,nbdkit-1.42]
+                          [--replies structured|simple] [--quick] [--json FILE]
+                          [--ramnbd PATH]
+
+ramnbd is RAMNBD_BIN, else target/release/ramnbd: build it first (`cargo build --release -p
+ramnbd`); nbdkit-1.42 needs the Debian 13 folder (client-tests/trixie/build.sh). Progress goes
+to stderr, one Markdown table per transport to stdout, everything measured to --json.
 """
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
+import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-ROWS = [
-    # (label, rw, block size, iodepth, connections)
-    ("4k randread  QD32 x1", "randread", "4k", 32, 1),
-    ("4k randread  QD32 x2", "randread", "4k", 32, 2),
-    ("4k randwrite QD32 x1", "randwrite", "4k", 32, 1),
-    ("4k randwrite QD32 x2", "randwrite", "4k", 32, 2),
-    ("4k randread  QD1  x1", "randread", "4k", 1, 1),
-    ("1M read      QD8  x1", "read", "1M", 8, 1),
-    ("1M write     QD8  x1", "write", "1M", 8, 1),
-]
-REGION = "512M"  # what every job touches
+import benchlib
+
+
+@dataclass
+class Row:
+    label: str
+    rw: str
+    bs: str
+    iodepth: int
+    jobs: int = 1  # fio's nbd engine opens one connection per job
+    fresh: bool = False  # on a new, empty server, writing the whole export once
+
+    @property
+    def unit(self):
+        return "IOPS" if self.bs == "4k" else "MiB/s"
+
+
+ROWS = {
+    "randread-qd1": Row("4k randread QD1", "randread", "4k", 1),
+    "randread-qd32": Row("4k randread QD32", "randread", "4k", 32),
+    "randwrite-qd32": Row("4k randwrite QD32", "randwrite", "4k", 32),
+    "randrw-2conn": Row("4k randrw 70/30 QD32 ×2 conns", "randrw", "4k", 32, jobs=2),
+    "read-1m": Row("1M read QD8", "read", "1M", 8),
+    "write-1m": Row("1M write QD8", "write", "1M", 8),
+    "first-fill": Row("1M first fill QD8", "write", "1M", 8, fresh=True),
+}
 EXPORT_SIZE = "1G"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+REGION = "512M"  # what the rows on the prefilled servers touch
+QUICK_REGION = "64M"
+
+# fio's nbd engine is libnbd, which asks for structured replies, so reads come back as
+# OFFSET_DATA chunks. The Linux kernel's client never asks: it gets simple replies. Preloaded
+# into fio, this makes libnbd not ask either (`--replies simple`). No libnbd headers needed.
+SIMPLE_REPLIES_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdbool.h>
+struct nbd_handle;
+extern int nbd_set_request_structured_replies(struct nbd_handle *, bool);
+struct nbd_handle *nbd_create(void) {
+    struct nbd_handle *(*real)(void) = (struct nbd_handle *(*)(void))dlsym(RTLD_NEXT, "nbd_create");
+    struct nbd_handle *h = real();
+    if (h)
+        nbd_set_request_structured_replies(h, false);
+    return h;
+}
+"""
 
 
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[11], fields[12] are utime and stime (stat fields 14 and 15).
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def fio_env(replies, tmp):
+    """The environment fio runs in: as is, or with the simple-replies shim preloaded."""
+    if replies == "structured":
+        return None
+    source, shim = os.path.join(tmp, "simple-replies.c"), os.path.join(tmp, "simple-replies.so")
+    with open(source, "w") as f:
+        f.write(SIMPLE_REPLIES_SHIM)
+    if shutil.which("gcc") is None:
+        sys.exit("--replies simple needs gcc (Debian package gcc)")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", shim, source, "-ldl"], check=True)
+    return dict(os.environ, LD_PRELOAD=shim)
 
 
-def wait_for_socket(path, proc, name):
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            sys.exit(f"{name} exited early with status {proc.returncode}")
-        time.sleep(0.05)
-    sys.exit(f"{name} did not create {path}")
+def busy_seconds():
+    """CPU time all processes on the machine have used so far (every CPU, idle excluded)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / benchlib.CLK_TCK
 
 
-def fio(uri, rw, bs, iodepth, jobs, runtime, size=REGION, time_based=True):
+def children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def fio(uri, row, size, seconds=None, env=None):
+    """Runs one fio job; without `seconds`, writes `size` once instead of running for a time."""
     cmd = [
-        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-        f"--iodepth={iodepth}", f"--numjobs={jobs}", f"--size={size}", "--group_reporting",
-        "--output-format=json", "--randrepeat=0", "--norandommap",
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={row.rw}",
+        f"--bs={row.bs}", f"--iodepth={row.iodepth}", f"--numjobs={row.jobs}", f"--size={size}",
+        "--group_reporting", "--output-format=json", "--randrepeat=0", "--norandommap",
     ]
-    if time_based:
-        cmd += [f"--runtime={runtime}", "--time_based"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    # fio's nbd engine prints a line before the JSON document.
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    ios = job["read"]["total_ios"] + job["write"]["total_ios"]
-    iops = job["read"]["iops"] + job["write"]["iops"]
-    mibs = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 2**20
-    return ios, iops, mibs
+    if row.rw == "randrw":
+        cmd.append("--rwmixread=70")
+    if seconds is not None:
+        cmd += [f"--runtime={seconds}", "--time_based"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"fio failed ({' '.join(cmd)}):\n{out.stderr.strip()}")
+    # fio's nbd engine may print a line before the JSON document.
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    read, write = job["read"], job["write"]
+    ios = read["total_ios"] + write["total_ios"]
+    lat_ns = (read["lat_ns"]["mean"] * read["total_ios"] +
+              write["lat_ns"]["mean"] * write["total_ios"]) / max(ios, 1)
+    return {
+        "ios": ios,
+        "iops": read["iops"] + write["iops"],
+        "mibs": (read["bw_bytes"] + write["bw_bytes"]) / 2**20,
+        "lat_us": lat_ns / 1000,
+    }
+
+
+def measure(server, row, size, seconds, env):
+    """One fio run against `server`, with its CPU time and what everything else on the box used."""
+    cpu, busy, fio_cpu, began = (server.cpu_seconds(), busy_seconds(), children_cpu_seconds(),
+                                 time.monotonic())
+    sample = fio(server.uri, row, size, seconds, env)
+    wall = time.monotonic() - began
+    server_cpu = server.cpu_seconds() - cpu
+    fio_cpu = children_cpu_seconds() - fio_cpu
+    sample.update(
+        server_cpu_s=server_cpu,
+        cpu_us_per_req=server_cpu * 1e6 / max(sample["ios"], 1),
+        fio_cpu_s=fio_cpu,
+        # Cores' worth of CPU that neither this server nor fio used: the other benches, builds
+        # and VMs on the box (and the idle servers, which use next to nothing).
+        other_cores=(busy_seconds() - busy - server_cpu - fio_cpu) / wall,
+        wall_s=wall,
+    )
+    return sample
+
+
+def advertised(server, env):
+    """The export as nbdinfo sees it, minus what differs between runs, and whether a client
+    in fio's environment gets structured replies."""
+    info = server.info(env)
+    if env and info["structured"]:
+        sys.exit("the simple-replies shim did not take: nbdinfo still negotiates structured replies")
+    export = info["exports"][0]
+    return {"structured_replies": info["structured"],
+            **{k: v for k, v in export.items() if k not in ("uri", "export-name")}}
+
+
+def run_transport(transport, kinds, rows, reps, seconds, region, replies, log):
+    results = {rid: {k: [] for k in kinds} for rid in rows}
+    info = {}
+    steady_rows = [rid for rid in rows if not ROWS[rid].fresh]
+    with tempfile.TemporaryDirectory(prefix="ramnbd-bench-", dir="/tmp") as tmp, \
+            contextlib.ExitStack() as stack:
+        env = fio_env(replies, tmp)
+        servers = {}
+        if steady_rows:
+            for kind in kinds:
+                servers[kind] = stack.enter_context(
+                    benchlib.start(kind, EXPORT_SIZE, transport, tmp))
+                info[kind] = advertised(servers[kind], env)
+                fio(servers[kind].uri, ROWS["write-1m"], region)  # the prefill
+        for rep in range(reps):
+            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+            for rid in rows:
+                row = ROWS[rid]
+                for kind in order:
+                    if row.fresh:
+                        with benchlib.start(kind, EXPORT_SIZE, transport, tmp) as fresh:
+                            info.setdefault(kind, advertised(fresh, env))
+                            sample = measure(fresh, row, EXPORT_SIZE, None, env)
+                            sample["rss_after_mib"] = fresh.rss_bytes() / 2**20
+                    else:
+                        sample = measure(servers[kind], row, region, seconds, env)
+                    results[rid][kind].append(sample)
+                    value = sample["iops"] if row.unit == "IOPS" else sample["mibs"]
+                    log(f"{transport} round {rep + 1}/{reps} {row.label:30} {kind:12} "
+                        f"{value:9.1f} {row.unit:5} {sample['cpu_us_per_req']:8.2f} µs CPU/req "
+                        f"(others: {sample['other_cores']:.2f} cores)")
+    return results, info
+
+
+def median_of(samples, key):
+    return statistics.median(s[key] for s in samples)
+
+
+def fmt(value, unit=None):
+    if unit == "IOPS":
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def markdown(transport, kinds, rows, results):
+    nbdkits = [k for k in kinds if k != "ramnbd"] if "ramnbd" in kinds else []
+    head = ["row", "unit", *kinds, *(f"ramnbd / {k}" for k in nbdkits),
+            *(f"CPU µs/req {k}" for k in kinds), *(f"CPU ramnbd / {k}" for k in nbdkits)]
+    lines = [f"| {' | '.join(head)} |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for rid in rows:
+        row, res = ROWS[rid], results[rid]
+        key = "iops" if row.unit == "IOPS" else "mibs"
+        tput = {k: median_of(res[k], key) for k in kinds}
+        cpu = {k: median_of(res[k], "cpu_us_per_req") for k in kinds}
+        cells = [row.label, row.unit, *(fmt(tput[k], row.unit) for k in kinds),
+                 *(f"{tput['ramnbd'] / tput[k]:.2f}" for k in nbdkits),
+                 *(fmt(cpu[k]) for k in kinds),
+                 *(f"{cpu['ramnbd'] / cpu[k]:.2f}" if cpu[k] else "–" for k in nbdkits)]
+        lines.append(f"| {' | '.join(cells)} |")
+    notes = []
+    if "randread-qd1" in rows:
+        lat = {k: median_of(results["randread-qd1"][k], "lat_us") for k in kinds}
+        notes.append("4k randread QD1 mean latency: " +
+                     ", ".join(f"{k} {lat[k]:.1f} µs" for k in kinds) + ".")
+    others = [s["other_cores"] for res in results.values() for k in kinds for s in res[k]]
+    notes.append(f"Other processes used a median {statistics.median(others):.2f} cores "
+                 f"(max {max(others):.2f}) of the {os.cpu_count()} during the fio runs.")
+    title = {"unix": "Unix socket", "tcp": "TCP 127.0.0.1"}[transport]
+    return f"### {title}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
 
 
 def main():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--runtime", type=int, default=4, help="seconds per fio run")
-    parser.add_argument("--ramnbd", default=os.path.join(repo, "target/release/ramnbd"))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, help="rounds per row (default 3; --quick: 1)")
+    parser.add_argument("--seconds", type=int, help="seconds per fio run (default 5; --quick: 1)")
+    parser.add_argument("--transport", choices=["unix", "tcp", "both"], default="both")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row ids")
+    parser.add_argument("--servers", default=",".join(benchlib.KINDS),
+                        help="comma-separated, from: " + ", ".join(benchlib.KINDS))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: 1 round of 1 s, {QUICK_REGION} region")
+    parser.add_argument("--replies", choices=["structured", "simple"], default="structured",
+                        help="the read replies fio asks for: structured (libnbd's default) or "
+                        "simple (the Linux kernel's dialect, through a preloaded shim; needs gcc)")
+    parser.add_argument("--json", metavar="FILE", help="write every sample and the medians here")
+    parser.add_argument("--ramnbd", metavar="PATH", help="the ramnbd binary (default: "
+                        "$RAMNBD_BIN, else target/release/ramnbd)")
     args = parser.parse_args()
-    for tool, package in [("fio", "fio"), ("nbdkit", "nbdkit")]:
+    if args.ramnbd:
+        os.environ["RAMNBD_BIN"] = os.path.abspath(args.ramnbd)
+    reps = args.reps or (1 if args.quick else 3)
+    seconds = args.seconds or (1 if args.quick else 5)
+    region = QUICK_REGION if args.quick else REGION
+    rows = args.rows.split(",")
+    kinds = args.servers.split(",")
+    transports = ["unix", "tcp"] if args.transport == "both" else [args.transport]
+    for rid in rows:
+        if rid not in ROWS:
+            sys.exit(f"unknown row {rid!r}; rows: {', '.join(ROWS)}")
+    for kind in kinds:
+        if why := benchlib.missing(kind):
+            sys.exit(f"server {kind}: {why} (or leave it out with --servers)")
+    for tool, package in [("fio", "fio"), ("nbdinfo", "libnbd-bin")]:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: install the Debian package {package}")
-    if not os.access(args.ramnbd, os.X_OK):
-        sys.exit(f"{args.ramnbd} not found: run cargo build --release -p ramnbd")
+    benchlib.exit_on_signals()
 
-    tmp = tempfile.mkdtemp(prefix="ramnbd-bench-")
-    servers = {}
-    try:
-        sock = os.path.join(tmp, "ramnbd.sock")
-        servers["ramnbd"] = (subprocess.Popen(
-            [args.ramnbd, "-s", EXPORT_SIZE, "-u", sock, "--log-level", "warn"]), sock)
-        sock = os.path.join(tmp, "nbdkit.sock")
-        servers["nbdkit"] = (subprocess.Popen(
-            ["nbdkit", "-f", "-U", sock, "memory", EXPORT_SIZE]), sock)
-        for name, (proc, sock) in servers.items():
-            wait_for_socket(sock, proc, name)
-            # Prefill with random data so reads copy real pages on both servers.
-            fio(f"nbd+unix:///?socket={sock}", "write", "1M", 8, 1, 0, time_based=False)
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
 
-        print(f"fio nbd engine, Unix sockets, {args.reps} reps x {args.runtime}s per row, "
-              f"{os.cpu_count()} CPUs, region {REGION}; medians", flush=True)
-        results = {}  # (row, server) -> list of (iops, mibs, cpu_us_per_request)
-        for rep in range(args.reps):
-            order = list(servers) if rep % 2 == 0 else list(reversed(servers))
-            for label, rw, bs, qd, jobs in ROWS:
-                for name in order:
-                    proc, sock = servers[name]
-                    before = cpu_seconds(proc.pid)
-                    ios, iops, mibs = fio(f"nbd+unix:///?socket={sock}", rw, bs, qd, jobs,
-                                          args.runtime)
-                    cpu_us = (cpu_seconds(proc.pid) - before) * 1e6 / max(ios, 1)
-                    results.setdefault((label, name), []).append((iops, mibs, cpu_us))
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
+        "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
+        "versions": {k: benchlib.version(k) for k in kinds},
+        # Which ramnbd: the binary, and the commit of the tree the script runs from.
+        "ramnbd_bin": benchlib.ramnbd_binary() if "ramnbd" in kinds else None,
+        "git": subprocess.run(["git", "-C", benchlib.REPO, "describe", "--always", "--dirty"],
+                              capture_output=True, text=True).stdout.strip(),
+        "settings": {"reps": reps, "seconds": seconds, "replies": args.replies,
+                     "export_size": EXPORT_SIZE,
+                     "region": region, "rows": {rid: vars(ROWS[rid]) for rid in rows}},
+        "load_before": loadavg(), "transports": {},
+    }
+    log(f"load average before: {report['load_before']}; " + ", ".join(report["versions"].values()))
+    began = time.monotonic()
+    tables = []
+    for transport in transports:
+        results, info = run_transport(transport, kinds, rows, reps, seconds, region,
+                                      args.replies, log)
+        report["transports"][transport] = {"advertised": info, "rows": {
+            rid: {"label": ROWS[rid].label, "unit": ROWS[rid].unit, "servers": {
+                k: {"median": {key: median_of(results[rid][k], key)
+                               for key in results[rid][k][0]},
+                    "samples": results[rid][k]} for k in kinds}} for rid in rows}}
+        tables.append(markdown(transport, kinds, rows, results))
+    report["wall_s"] = time.monotonic() - began
+    report["load_after"] = loadavg()
 
-        header = (f"{'row':22} {'ramnbd IOPS':>12} {'nbdkit IOPS':>12} {'ratio':>6} "
-                  f"{'ramnbd MiB/s':>12} {'nbdkit MiB/s':>12} "
-                  f"{'ramnbd CPU us/req':>17} {'nbdkit CPU us/req':>17} {'CPU ratio':>9}")
-        print(header)
-        print("-" * len(header))
-        for label, *_ in ROWS:
-            med = {name: [statistics.median(col) for col in zip(*results[(label, name)])]
-                   for name in servers}
-            (r_iops, r_mibs, r_cpu), (k_iops, k_mibs, k_cpu) = med["ramnbd"], med["nbdkit"]
-            print(f"{label:22} {r_iops:12.0f} {k_iops:12.0f} {r_iops / k_iops:6.2f} "
-                  f"{r_mibs:12.1f} {k_mibs:12.1f} {r_cpu:17.2f} {k_cpu:17.2f} "
-                  f"{r_cpu / k_cpu if k_cpu else float('nan'):9.2f}")
-        print("ratio = ramnbd / nbdkit throughput (higher is better); "
-              "CPU ratio = ramnbd / nbdkit CPU per request (lower is better)")
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-        for proc, _ in servers.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"fio {report['fio']} `nbd` engine, {args.replies} replies; {reps} rounds × "
+          f"{seconds:g} s per row, servers interleaved; medians. {EXPORT_SIZE} exports, {region} prefilled region; "
+          f"{os.cpu_count()} CPUs; {report['date']}; "
+          f"load average {report['load_before'][0]:.2f} before, "
+          f"{report['load_after'][0]:.2f} after; {report['wall_s']:.0f} s.")
+    print("ramnbd / X: throughput ratio (higher is better); CPU ramnbd / X: server CPU per "
+          "request ratio (lower is better).\n")
+    print("\n".join(tables), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        log(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

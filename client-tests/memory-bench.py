@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Memory benchmark: what a RAM disk really costs, ramnbd against nbdkit's memory plugin.
 
-Three servers side by side: ramnbd, `nbdkit memory` (default sparse allocator) and
-`nbdkit memory allocator=malloc`. Each gets the same steps, and one table prints server RSS
+Servers one after another: ramnbd, nbdkit 1.32's `nbdkit memory` (default sparse allocator) and
+`nbdkit memory allocator=malloc`, and nbdkit 1.42's `nbdkit memory` when the Debian 13 folder is
+there (client-tests/trixie/build.sh). Each gets the same steps, and one table prints server RSS
 (VmRSS, MiB) after each:
 
   start       right after start: a 1 TiB export (malloc: 1 GiB, as it fills the disk at start)
@@ -17,7 +18,9 @@ fallback (ext4's lazy inode-table init after mkfs) send: plain WRITEs of zero by
 
 plus the wall time of the zero writes.
 
-    client-tests/memory-bench.py [--ramnbd target/release/ramnbd]
+    client-tests/memory-bench.py [--ramnbd PATH]   (default $RAMNBD_BIN, else target/release/ramnbd)
+
+Servers start and stop through benchlib.py, as in bench.py.
 """
 
 import argparse
@@ -29,30 +32,17 @@ import sys
 import tempfile
 import time
 
+import benchlib
+
 MiB = 2**20
 MKFS_ROWS = {"mkfs.ext4": []}
 
 
-def rss(pid):
-    """VmRSS of `pid`, half a second after the last client left, so each server has finished
+def rss(server):
+    """VmRSS of `server`, half a second after the last client left, so each server has finished
     tearing the connection down."""
     time.sleep(0.5)
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def start(cmd, sock):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.time() > deadline:
-            sys.exit(f"{cmd[0]} did not start: {' '.join(cmd)}")
-        time.sleep(0.05)
-    time.sleep(0.2)  # let the server settle after creating the socket
-    return proc
+    return server.rss_bytes()
 
 
 def fio_write(uri, offset, size, zero):
@@ -69,77 +59,73 @@ def trim(uri, length):
                    capture_output=True)
 
 
-def mkfs_rss(cmd, sock, tmp, mkfs_options):
+def mkfs_rss(kind, extra, tmp, mkfs_options):
     """Starts a 16 GiB server, runs mkfs.ext4 on it through nbdfuse, returns the server's RSS."""
-    proc = start(cmd, sock)
-    mnt = os.path.join(tmp, "fuse")
-    os.makedirs(mnt, exist_ok=True)
-    disk = os.path.join(mnt, "disk")
-    fuse = subprocess.Popen(["nbdfuse", disk, "--unix", sock])
-    try:
-        deadline = time.time() + 20
-        while not os.path.exists(disk):
-            if time.time() > deadline:
-                sys.exit("nbdfuse did not come up")
-            time.sleep(0.05)
-        subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_options, disk], check=True)
-        return rss(proc.pid)
-    finally:
-        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-        fuse.wait(timeout=20)
-        proc.terminate()
-        proc.wait(timeout=20)
+    with benchlib.start(kind, "16G", "unix", tmp, extra) as server:
+        mnt = os.path.join(tmp, "fuse")
+        os.makedirs(mnt, exist_ok=True)
+        disk = os.path.join(mnt, "disk")
+        fuse = subprocess.Popen(["nbdfuse", disk, "--unix", server.unix_path])
+        try:
+            deadline = time.time() + 20
+            while not os.path.exists(disk):
+                if time.time() > deadline:
+                    sys.exit("nbdfuse did not come up")
+                time.sleep(0.05)
+            subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_options, disk], check=True)
+            return rss(server)
+        finally:
+            subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+            fuse.wait(timeout=20)
+
+
+# Column -> (server kind, export size for the first steps, plugin parameters).
+COLUMNS = {
+    "ramnbd": ("ramnbd", "1T", []),
+    "nbdkit-sparse": ("nbdkit-1.32", "1T", []),
+    # The malloc allocator fills the whole disk at start, so it gets 1 GiB, and no mkfs row.
+    "nbdkit-malloc": ("nbdkit-1.32", "1G", ["allocator=malloc"]),
+    "nbdkit-1.42": ("nbdkit-1.42", "1T", []),
+}
 
 
 def main():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ramnbd", default=os.path.join(repo, "target/release/ramnbd"))
+    parser.add_argument("--ramnbd", help="the ramnbd binary (default: $RAMNBD_BIN, else "
+                        "target/release/ramnbd)")
     args = parser.parse_args()
+    if args.ramnbd:
+        os.environ["RAMNBD_BIN"] = os.path.abspath(args.ramnbd)
     for tool, package in [("fio", "fio"), ("nbdkit", "nbdkit"), ("qemu-io", "qemu-utils"),
                           ("nbdfuse", "libnbd-bin"), ("mkfs.ext4", "e2fsprogs")]:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: install the Debian package {package}")
-    if not os.access(args.ramnbd, os.X_OK):
-        sys.exit(f"{args.ramnbd} not found: run cargo build --release -p ramnbd")
+    benchlib.ramnbd_binary()  # exits with a hint when it is not built
+    columns = dict(COLUMNS)
+    if why := benchlib.missing("nbdkit-1.42"):
+        print(f"leaving out nbdkit-1.42: {why}", file=sys.stderr)
+        del columns["nbdkit-1.42"]
+    benchlib.exit_on_signals()
 
-    def commands(sock, size):
-        return {
-            "ramnbd": [args.ramnbd, "-s", size, "-u", sock, "--log-level", "warn"],
-            "nbdkit-sparse": ["nbdkit", "-f", "-U", sock, "memory", size],
-            "nbdkit-malloc": ["nbdkit", "-f", "-U", sock, "memory", "1G" if size == "1T" else size,
-                              "allocator=malloc"],
-        }
-
-    tmp = tempfile.mkdtemp(prefix="ramnbd-membench-")
     table = {}
-    try:
-        for name in ["ramnbd", "nbdkit-sparse", "nbdkit-malloc"]:
-            sock = os.path.join(tmp, f"{name}.sock")
-            proc = start(commands(sock, "1T")[name], sock)
-            uri = f"nbd+unix:///?socket={sock}"
+    with tempfile.TemporaryDirectory(prefix="ramnbd-membench-", dir="/tmp") as tmp:
+        for name, (kind, size, extra) in columns.items():
             row = table.setdefault(name, {})
-            try:
-                row["start"] = rss(proc.pid)
-                fio_write(uri, 0, "512M", zero=False)
-                row["+512M data"] = rss(proc.pid)
-                row["zero time"] = fio_write(uri, "512M", "512M", zero=True)
-                row["+512M zero"] = rss(proc.pid)
-                trim(uri, "1G")
-                row["trim all"] = rss(proc.pid)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=20)
-            if name != "nbdkit-malloc":
+            with benchlib.start(kind, size, "unix", tmp, extra) as server:
+                row["start"] = rss(server)
+                fio_write(server.uri, 0, "512M", zero=False)
+                row["+512M data"] = rss(server)
+                row["zero time"] = fio_write(server.uri, "512M", "512M", zero=True)
+                row["+512M zero"] = rss(server)
+                trim(server.uri, "1G")
+                row["trim all"] = rss(server)
+            if "allocator=malloc" not in extra:
                 for step, options in MKFS_ROWS.items():
-                    sock = os.path.join(tmp, f"{name}-{len(row)}.sock")
-                    row[step] = mkfs_rss(commands(sock, "16G")[name], sock, tmp, options)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                    row[step] = mkfs_rss(kind, extra, tmp, options)
 
     names = list(table)
     print("server RSS in MiB (VmRSS); 1 TiB export (nbdkit-malloc: 1 GiB); "
-          "mkfs.ext4 on a fresh 16 GiB export")
+          "mkfs.ext4 on a fresh 16 GiB export; nbdkit-sparse/-malloc are nbdkit 1.32")
     print(f"{'step':14}" + "".join(f"{n:>15}" for n in names))
     for step in ["start", "+512M data", "+512M zero", "trim all", *MKFS_ROWS]:
         cells = []
