@@ -1,34 +1,46 @@
-//! libnbd's tools (nbdinfo, nbdcopy) and its Python binding against ramnbd.
+//! libnbd's tools (nbdinfo, nbdcopy) and its Python binding against ramnbd, each test with
+//! Debian 12's libnbd 1.14 (compact headers only) and Debian 13's libnbd 1.22 (extended headers).
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 
-use ramnbd_client_tests::tools::run;
-use ramnbd_client_tests::{GIB, KIB, MIB, Negotiate, Server, random_bytes, require_tool, run_ok};
+use ramnbd_client_tests::tools::write_random_file;
+use ramnbd_client_tests::{
+    Clients, GIB, KIB, MIB, Negotiate, Server, both_generations, random_bytes,
+};
 use serde_json::Value;
-
-fn nbdinfo() -> std::path::PathBuf {
-    require_tool("nbdinfo", "libnbd-bin")
-}
 
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
 }
 
-#[test]
-fn nbdinfo_json_shows_the_advertised_features() {
+fn nbdinfo_json_shows_the_advertised_features(clients: Clients) {
     let server = Server::start::<&str>(&[]);
     // No export name in the URI: libnbd asks for the default export "".
     let uri = format!("nbd://{}", server.tcp_addr());
-    let info = json(&run_ok(nbdinfo(), &["--json", &uri]));
+    let info = json(&clients.run_ok("nbdinfo", &["--json", &uri]));
     assert_eq!(info["protocol"], "newstyle-fixed", "{info:#}");
     assert_eq!(info["TLS"], false);
     assert_eq!(info["structured"], true, "structured replies negotiated");
     let exports = info["exports"].as_array().expect("exports array");
     assert_eq!(exports.len(), 1, "{info:#}");
     let export = &exports[0];
+    match clients {
+        // libnbd 1.14 predates extended headers: it neither asks for them nor prints the keys.
+        Clients::Debian12 => {
+            assert_eq!(info.get("extended"), None, "{info:#}");
+            assert_eq!(export.get("can_block_status_payload"), None, "{info:#}");
+        }
+        Clients::Debian13 => {
+            assert_eq!(
+                info["extended"], true,
+                "extended headers negotiated: {info:#}"
+            );
+            // The optional filtered form of BLOCK_STATUS, which ramnbd does not offer.
+            assert_eq!(export["can_block_status_payload"], false, "{info:#}");
+        }
+    }
     assert_eq!(export["export-name"], "");
     assert_eq!(export["export-size"], GIB, "the default export is 1 GiB");
     let contexts = export["contexts"].as_array().expect("contexts");
@@ -54,9 +66,9 @@ fn nbdinfo_json_shows_the_advertised_features() {
     assert_eq!(export["block_size_preferred"], 4096);
     assert_eq!(export["block_size_maximum"], 33_554_432);
 }
+both_generations!(nbdinfo_json_shows_the_advertised_features);
 
-#[test]
-fn nbdinfo_list_shows_every_export_with_its_description() {
+fn nbdinfo_list_shows_every_export_with_its_description(clients: Clients) {
     let server = Server::start(&[
         "-e",
         "alpha=1M,description=First export",
@@ -65,10 +77,7 @@ fn nbdinfo_list_shows_every_export_with_its_description() {
         "-e",
         "gamma=3M",
     ]);
-    let listing = json(&run_ok(
-        nbdinfo(),
-        &["--list", "--json", &server.unix_uri("")],
-    ));
+    let listing = json(&clients.run_ok("nbdinfo", &["--list", "--json", &server.unix_uri("")]));
     let exports = listing["exports"].as_array().expect("exports array");
     let mut seen: Vec<(String, Option<String>, u64, bool)> = exports
         .iter()
@@ -92,17 +101,7 @@ fn nbdinfo_list_shows_every_export_with_its_description() {
         "{listing:#}"
     );
 }
-
-/// Writes `len` bytes of reproducible random data to `path`.
-fn write_random_file(path: &Path, seed: u64, len: u64) {
-    let mut file = BufWriter::new(File::create(path).expect("create image"));
-    let block = 4 * MIB;
-    for i in 0..len / block {
-        file.write_all(&random_bytes(seed + i, block as usize))
-            .expect("write image");
-    }
-    file.flush().expect("flush image");
-}
+both_generations!(nbdinfo_list_shows_every_export_with_its_description);
 
 /// Compares two files in blocks, reporting the first differing offset.
 fn assert_same_file(a: &Path, b: &Path) {
@@ -124,9 +123,7 @@ fn assert_same_file(a: &Path, b: &Path) {
     }
 }
 
-#[test]
-fn nbdcopy_round_trips_a_random_256_mib_image() {
-    let nbdcopy = require_tool("nbdcopy", "libnbd-bin");
+fn nbdcopy_round_trips_a_random_256_mib_image(clients: Clients) {
     let server = Server::start(&["-s", "256M"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("in.img");
@@ -136,15 +133,17 @@ fn nbdcopy_round_trips_a_random_256_mib_image() {
     let image_arg = image.to_str().expect("utf-8 path");
     let out_arg = out.to_str().expect("utf-8 path");
     // In over TCP, back out over the Unix socket: both listeners carry the same export.
-    run_ok(&nbdcopy, &[image_arg, &server.tcp_uri("")]);
-    run_ok(&nbdcopy, &[&server.unix_uri(""), out_arg]);
+    clients.run_ok("nbdcopy", &[image_arg, &server.tcp_uri("")]);
+    clients.run_ok("nbdcopy", &[&server.unix_uri(""), out_arg]);
     assert_same_file(&image, &out);
+    clients.assert_headers(&server);
 }
+both_generations!(nbdcopy_round_trips_a_random_256_mib_image);
 
 /// (offset, length, type) from `nbdinfo --map --json`, with adjacent equal types merged (the
 /// server may split a run into several extents).
-fn map(uri: &str) -> Vec<(u64, u64, u64)> {
-    let entries = json(&run_ok(nbdinfo(), &["--map", "--json", uri]));
+fn map(clients: Clients, uri: &str) -> Vec<(u64, u64, u64)> {
+    let entries = json(&clients.run_ok("nbdinfo", &["--map", "--json", uri]));
     let mut merged: Vec<(u64, u64, u64)> = Vec::new();
     for entry in entries.as_array().expect("map array") {
         let offset = entry["offset"].as_u64().expect("offset");
@@ -158,8 +157,7 @@ fn map(uri: &str) -> Vec<(u64, u64, u64)> {
     merged
 }
 
-#[test]
-fn nbdinfo_map_shows_data_holes_and_trimmed_ranges() {
+fn nbdinfo_map_shows_data_holes_and_trimmed_ranges(clients: Clients) {
     const DATA: u64 = 0;
     const HOLE_ZERO: u64 = 3;
     let server = Server::start(&["-s", "16M"]);
@@ -174,7 +172,7 @@ fn nbdinfo_map_shows_data_holes_and_trimmed_ranges() {
     client.flush().expect("flush");
 
     assert_eq!(
-        map(&server.tcp_uri("")),
+        map(clients, &server.tcp_uri("")),
         [
             (0, 512 * KIB, HOLE_ZERO),
             (512 * KIB, 512 * KIB, DATA),
@@ -183,12 +181,21 @@ fn nbdinfo_map_shows_data_holes_and_trimmed_ranges() {
             (5 * MIB, 11 * MIB, HOLE_ZERO),
         ]
     );
+    clients.assert_headers(&server);
 }
+both_generations!(nbdinfo_map_shows_data_holes_and_trimmed_ranges);
 
-const MULTI_CONN_SCRIPT: &str = r#"
+/// What every Python script starts with: libnbd's module, and a time limit.
+const PRELUDE: &str = r#"
+import signal
 import sys
 import nbd
 
+# A server that stops answering fails the test instead of hanging it.
+signal.alarm(120)
+"#;
+
+const MULTI_CONN_SCRIPT: &str = r#"
 uri = sys.argv[1]
 handles = []
 for _ in range(3):
@@ -228,25 +235,10 @@ for h in handles:
 print("multi-conn OK")
 "#;
 
-#[test]
-fn python_libnbd_multi_conn_write_flush_read() {
-    let python = require_tool("/usr/bin/python3", "python3");
-    let probe = Command::new(&python)
-        .args(["-c", "import nbd"])
-        .output()
-        .expect("run /usr/bin/python3");
-    assert!(
-        probe.status.success(),
-        "the nbd Python module is missing: install Debian package python3-libnbd\n{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
+fn python_libnbd_multi_conn_write_flush_read(clients: Clients) {
     let server = Server::start(&["-s", "64M"]);
-    let output = run(&python, &["-c", MULTI_CONN_SCRIPT, &server.unix_uri("")]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("multi-conn OK"),
-        "python3-libnbd script failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let script = format!("{PRELUDE}{MULTI_CONN_SCRIPT}");
+    clients.python_ok(&script, &[&server.unix_uri("")], "multi-conn OK");
+    clients.assert_headers(&server);
 }
+both_generations!(python_libnbd_multi_conn_write_flush_read);
