@@ -2,7 +2,8 @@
 //! (compact headers) and Debian 13's qemu 10.0 (extended headers; its writes do not set
 //! PAYLOAD_LEN).
 
-use ramnbd_client_tests::{Clients, MIB, Server, both_generations};
+use ramnbd_client_tests::tools::write_random_file;
+use ramnbd_client_tests::{Clients, MIB, Negotiate, Server, both_generations};
 use serde_json::Value;
 
 /// Runs qemu-io commands against `uri`; returns (success, combined output).
@@ -132,3 +133,38 @@ fn qemu_img_map_shows_data_and_zero_extents(clients: Clients) {
     clients.assert_headers(&server);
 }
 both_generations!(qemu_img_map_shows_data_and_zero_extents);
+
+/// `qemu-img convert -n` copies a random image into the export (over TCP), and `qemu-img compare`
+/// finds them identical (over the Unix socket); after one byte of the export changes, compare
+/// must report the difference, so "identical" is not its only answer.
+fn qemu_img_convert_and_compare_a_random_256_mib_image(clients: Clients) {
+    // Exactly the image's size: compare also checks that the sizes match.
+    let server = Server::start(&["-s", "256M"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("random.img");
+    write_random_file(&image, 0x9e, 256 * MIB);
+    let image = image.to_str().expect("utf-8 path");
+
+    let (tcp, unix) = (server.tcp_uri(""), server.unix_uri(""));
+    // -n: the target exists; -W: out-of-order writes, several in flight.
+    let convert = ["convert", "-n", "-W", "-f", "raw", "-O", "raw", image, &tcp];
+    clients.run_ok("qemu-img", &convert);
+    let compare = ["compare", "-f", "raw", "-F", "raw", image, &unix];
+    let same = clients.run_ok("qemu-img", &compare);
+    assert_eq!(same.trim(), "Images are identical.", "{same}");
+
+    let mut client = Negotiate::new("").go(&server.tcp());
+    let at = 200 * MIB + 12_345;
+    let byte = client.read(at, 1).expect("read one byte")[0];
+    client.write(at, &[!byte]).expect("change one byte");
+    let output = clients.run("qemu-img", &compare);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // Exit status 1: the images differ, first in the 512-byte sector holding that byte.
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        format!("Content mismatch at offset {}!", at / 512 * 512)
+    );
+    clients.assert_headers(&server);
+}
+both_generations!(qemu_img_convert_and_compare_a_random_256_mib_image);
