@@ -11,17 +11,23 @@
 //! * [`scrape`]: the server's `/metrics` endpoint, read back.
 //! * [`tools`]: external clients (`require_tool`, running a command and reporting its output),
 //!   random data.
+//! * [`clients`]: [`Clients`], the two generations of libnbd, qemu and fio (Debian 12's on the
+//!   host, Debian 13's in `client-tests/trixie`), and [`both_generations!`], which turns a test
+//!   body into one test per generation.
 //!
-//! The tests do not skip when a client is missing: [`tools::require_tool`] fails with the Debian
-//! package to install, with or without `CI=true`.
+//! The tests do not skip when a client is missing: [`tools::require_tool`] and
+//! [`Clients::command`] fail with the Debian package to install (or the script that builds the
+//! Debian 13 folder), with or without `CI=true`.
 
 pub mod client;
+pub mod clients;
 pub mod proto;
 pub mod scrape;
 pub mod server;
 pub mod tools;
 
 pub use client::{Negotiate, RawClient, Request, Target};
+pub use clients::Clients;
 pub use server::Server;
 pub use tools::{random_bytes, require_tool, run_ok};
 

@@ -2,6 +2,8 @@
 
 use std::env;
 use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
@@ -39,11 +41,19 @@ pub fn require_tool(binary: &str, debian_package: &str) -> PathBuf {
 /// status. The command line, status, duration and output go to the test's captured output so a
 /// failure shows them.
 pub fn run<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Output {
-    let program = program.as_ref();
-    let shown = describe(program, args);
+    run_command(Command::new(program).args(args))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> String {
+    run_command_ok(Command::new(program).args(args))
+}
+
+/// [`run`] for a prepared `Command` (e.g. from [`crate::Clients::command`]).
+pub fn run_command(command: &mut Command) -> Output {
+    let shown = describe(command);
     let started = Instant::now();
-    let output = Command::new(program)
-        .args(args)
+    let output = command
         .output()
         .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
     eprintln!(
@@ -56,13 +66,13 @@ pub fn run<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Output {
     output
 }
 
-/// Runs a command that must succeed; returns its stdout.
-pub fn run_ok<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> String {
-    let shown = describe(program.as_ref(), args);
-    let output = run(program, args);
+/// [`run_ok`] for a prepared `Command`.
+pub fn run_command_ok(command: &mut Command) -> String {
+    let output = run_command(command);
     assert!(
         output.status.success(),
-        "{shown} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        "{} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        describe(command),
         output.status,
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
@@ -70,11 +80,17 @@ pub fn run_ok<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> String
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn describe<S: AsRef<OsStr>>(program: &OsStr, args: &[S]) -> String {
-    let mut shown = program.to_string_lossy().into_owned();
-    for arg in args {
+/// The command line for messages. A multi-line argument (a script passed with `-c`) is shown as
+/// its line count: it is in the test's source, and printing it whole would drown the output.
+fn describe(command: &Command) -> String {
+    let mut shown = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        let arg = arg.to_string_lossy();
         shown.push(' ');
-        shown.push_str(&arg.as_ref().to_string_lossy());
+        match arg.lines().count() {
+            0 | 1 => shown.push_str(&arg),
+            lines => shown.push_str(&format!("'<script of {lines} lines>'")),
+        }
     }
     shown
 }
@@ -109,6 +125,19 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Writes `len` bytes (a multiple of 4 MiB) of reproducible random data to `path`: a disk image
+/// for the copy tests.
+pub fn write_random_file(path: &Path, seed: u64, len: u64) {
+    const BLOCK: u64 = 4 << 20;
+    assert_eq!(len % BLOCK, 0, "image sizes are whole 4 MiB blocks");
+    let mut file = BufWriter::new(File::create(path).expect("create image"));
+    for i in 0..len / BLOCK {
+        file.write_all(&random_bytes(seed + i, BLOCK as usize))
+            .expect("write image");
+    }
+    file.flush().expect("flush image");
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! fio's `nbd` engine (libnbd underneath; one connection per job) with data verification.
+//! fio's `nbd` engine (libnbd underneath; one connection per job) with data verification, each
+//! test with Debian 12's fio 3.33 on libnbd 1.14 and Debian 13's fio 3.39 on libnbd 1.22
+//! (extended headers).
 
-use ramnbd_client_tests::tools::run;
-use ramnbd_client_tests::{MIB, Negotiate, Server, random_bytes, require_tool};
+use ramnbd_client_tests::{Clients, MIB, Negotiate, Server, both_generations, random_bytes};
 use serde_json::Value;
 
 /// Per job: (error code, bytes written, bytes read).
@@ -13,8 +14,7 @@ struct JobResult {
 }
 
 /// Runs fio with JSON output; returns (exit success, per-job results, full output for messages).
-fn fio(args: &[&str]) -> (bool, Vec<JobResult>, String) {
-    let fio = require_tool("fio", "fio");
+fn fio(clients: Clients, args: &[&str]) -> (bool, Vec<JobResult>, String) {
     // No verify state files: fio would drop them in the working directory (the crate root).
     let mut all = vec![
         "--output-format=json",
@@ -22,7 +22,7 @@ fn fio(args: &[&str]) -> (bool, Vec<JobResult>, String) {
         "--verify_state_save=0",
     ];
     all.extend_from_slice(args);
-    let output = run(fio, &all);
+    let output = clients.run("fio", &all);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let shown = format!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     // fio prints "fio: connected to NBD server" lines before the JSON document.
@@ -47,24 +47,26 @@ fn fio(args: &[&str]) -> (bool, Vec<JobResult>, String) {
     (output.status.success(), jobs, shown)
 }
 
-#[test]
-fn fio_randwrite_verify_over_four_connections() {
+fn fio_randwrite_verify_over_four_connections(clients: Clients) {
     let server = Server::start(&["-s", "256M"]);
     let uri = format!("--uri={}", server.unix_uri(""));
     // Four jobs on disjoint 64 MiB slices (verification of overlapping jobs would race), each
     // writing its slice in random order and then reading all of it back through crc32c.
-    let (ok, jobs, out) = fio(&[
-        "--name=verify4",
-        &uri,
-        "--rw=randwrite",
-        "--bsrange=4k-64k",
-        "--iodepth=16",
-        "--numjobs=4",
-        "--size=64M",
-        "--offset_increment=64M",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-    ]);
+    let (ok, jobs, out) = fio(
+        clients,
+        &[
+            "--name=verify4",
+            &uri,
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=16",
+            "--numjobs=4",
+            "--size=64M",
+            "--offset_increment=64M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ],
+    );
     assert!(ok, "fio failed:\n{out}");
     assert_eq!(jobs.len(), 4, "{out}");
     for job in &jobs {
@@ -73,27 +75,30 @@ fn fio_randwrite_verify_over_four_connections() {
         // Every written byte was read back for verification.
         assert_eq!(job.read, 64 * MIB, "{job:?}");
     }
+    clients.assert_headers(&server);
 }
 
-#[test]
-fn fio_inline_verify_at_depth_64_over_tcp() {
+fn fio_inline_verify_at_depth_64_over_tcp(clients: Clients) {
     let server = Server::start(&["-e", "fio=128M"]);
     let uri = format!("--uri={}", server.tcp_uri("fio"));
-    let (ok, jobs, out) = fio(&[
-        "--name=backlog",
-        &uri,
-        "--rw=randwrite",
-        "--bsrange=512-128k",
-        "--bs_unaligned=1",
-        "--iodepth=64",
-        "--numjobs=2",
-        "--size=48M",
-        "--offset_increment=64M",
-        "--verify=crc32c",
-        // Verify while writing, not only at the end.
-        "--verify_backlog=64",
-        "--verify_fatal=1",
-    ]);
+    let (ok, jobs, out) = fio(
+        clients,
+        &[
+            "--name=backlog",
+            &uri,
+            "--rw=randwrite",
+            "--bsrange=512-128k",
+            "--bs_unaligned=1",
+            "--iodepth=64",
+            "--numjobs=2",
+            "--size=48M",
+            "--offset_increment=64M",
+            "--verify=crc32c",
+            // Verify while writing, not only at the end.
+            "--verify_backlog=64",
+            "--verify_fatal=1",
+        ],
+    );
     assert!(ok, "fio failed:\n{out}");
     assert_eq!(jobs.len(), 2, "{out}");
     for job in &jobs {
@@ -105,10 +110,10 @@ fn fio_inline_verify_at_depth_64_over_tcp() {
             "everything written was verified: {job:?}"
         );
     }
+    clients.assert_headers(&server);
 }
 
-#[test]
-fn fio_verify_reports_corruption() {
+fn fio_verify_reports_corruption(clients: Clients) {
     // The negative control: corrupt what fio wrote and check that its verify pass (replaying the
     // same random sequence) reports it, so a clean report above really means clean data.
     let server = Server::start(&["-s", "64M"]);
@@ -124,7 +129,7 @@ fn fio_verify_reports_corruption() {
     ];
     let mut write_phase = job.to_vec();
     write_phase.push("--do_verify=0");
-    let (ok, jobs, out) = fio(&write_phase);
+    let (ok, jobs, out) = fio(clients, &write_phase);
     assert!(ok && jobs[0].error == 0, "write phase failed:\n{out}");
 
     let mut client = Negotiate::new("").go(&server.tcp());
@@ -134,8 +139,13 @@ fn fio_verify_reports_corruption() {
 
     let mut verify_phase = job.to_vec();
     verify_phase.push("--verify_only");
-    let (ok, jobs, out) = fio(&verify_phase);
+    let (ok, jobs, out) = fio(clients, &verify_phase);
     assert!(!ok, "fio accepted corrupted data:\n{out}");
     const EILSEQ: u64 = 84;
     assert_eq!(jobs[0].error, EILSEQ, "{out}");
 }
+both_generations!(
+    fio_randwrite_verify_over_four_connections,
+    fio_inline_verify_at_depth_64_over_tcp,
+    fio_verify_reports_corruption,
+);

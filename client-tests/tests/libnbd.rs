@@ -1,34 +1,46 @@
-//! libnbd's tools (nbdinfo, nbdcopy) and its Python binding against ramnbd.
+//! libnbd's tools (nbdinfo, nbdcopy) and its Python binding against ramnbd, each test with
+//! Debian 12's libnbd 1.14 (compact headers only) and Debian 13's libnbd 1.22 (extended headers).
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 
-use ramnbd_client_tests::tools::run;
-use ramnbd_client_tests::{GIB, KIB, MIB, Negotiate, Server, random_bytes, require_tool, run_ok};
+use ramnbd_client_tests::tools::write_random_file;
+use ramnbd_client_tests::{
+    Clients, GIB, KIB, MIB, Negotiate, Server, both_generations, random_bytes,
+};
 use serde_json::Value;
-
-fn nbdinfo() -> std::path::PathBuf {
-    require_tool("nbdinfo", "libnbd-bin")
-}
 
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
 }
 
-#[test]
-fn nbdinfo_json_shows_the_advertised_features() {
+fn nbdinfo_json_shows_the_advertised_features(clients: Clients) {
     let server = Server::start::<&str>(&[]);
     // No export name in the URI: libnbd asks for the default export "".
     let uri = format!("nbd://{}", server.tcp_addr());
-    let info = json(&run_ok(nbdinfo(), &["--json", &uri]));
+    let info = json(&clients.run_ok("nbdinfo", &["--json", &uri]));
     assert_eq!(info["protocol"], "newstyle-fixed", "{info:#}");
     assert_eq!(info["TLS"], false);
     assert_eq!(info["structured"], true, "structured replies negotiated");
     let exports = info["exports"].as_array().expect("exports array");
     assert_eq!(exports.len(), 1, "{info:#}");
     let export = &exports[0];
+    match clients {
+        // libnbd 1.14 predates extended headers: it neither asks for them nor prints the keys.
+        Clients::Debian12 => {
+            assert_eq!(info.get("extended"), None, "{info:#}");
+            assert_eq!(export.get("can_block_status_payload"), None, "{info:#}");
+        }
+        Clients::Debian13 => {
+            assert_eq!(
+                info["extended"], true,
+                "extended headers negotiated: {info:#}"
+            );
+            // The optional filtered form of BLOCK_STATUS, which ramnbd does not offer.
+            assert_eq!(export["can_block_status_payload"], false, "{info:#}");
+        }
+    }
     assert_eq!(export["export-name"], "");
     assert_eq!(export["export-size"], GIB, "the default export is 1 GiB");
     let contexts = export["contexts"].as_array().expect("contexts");
@@ -54,9 +66,9 @@ fn nbdinfo_json_shows_the_advertised_features() {
     assert_eq!(export["block_size_preferred"], 4096);
     assert_eq!(export["block_size_maximum"], 33_554_432);
 }
+both_generations!(nbdinfo_json_shows_the_advertised_features);
 
-#[test]
-fn nbdinfo_list_shows_every_export_with_its_description() {
+fn nbdinfo_list_shows_every_export_with_its_description(clients: Clients) {
     let server = Server::start(&[
         "-e",
         "alpha=1M,description=First export",
@@ -65,10 +77,7 @@ fn nbdinfo_list_shows_every_export_with_its_description() {
         "-e",
         "gamma=3M",
     ]);
-    let listing = json(&run_ok(
-        nbdinfo(),
-        &["--list", "--json", &server.unix_uri("")],
-    ));
+    let listing = json(&clients.run_ok("nbdinfo", &["--list", "--json", &server.unix_uri("")]));
     let exports = listing["exports"].as_array().expect("exports array");
     let mut seen: Vec<(String, Option<String>, u64, bool)> = exports
         .iter()
@@ -92,17 +101,7 @@ fn nbdinfo_list_shows_every_export_with_its_description() {
         "{listing:#}"
     );
 }
-
-/// Writes `len` bytes of reproducible random data to `path`.
-fn write_random_file(path: &Path, seed: u64, len: u64) {
-    let mut file = BufWriter::new(File::create(path).expect("create image"));
-    let block = 4 * MIB;
-    for i in 0..len / block {
-        file.write_all(&random_bytes(seed + i, block as usize))
-            .expect("write image");
-    }
-    file.flush().expect("flush image");
-}
+both_generations!(nbdinfo_list_shows_every_export_with_its_description);
 
 /// Compares two files in blocks, reporting the first differing offset.
 fn assert_same_file(a: &Path, b: &Path) {
@@ -124,9 +123,7 @@ fn assert_same_file(a: &Path, b: &Path) {
     }
 }
 
-#[test]
-fn nbdcopy_round_trips_a_random_256_mib_image() {
-    let nbdcopy = require_tool("nbdcopy", "libnbd-bin");
+fn nbdcopy_round_trips_a_random_256_mib_image(clients: Clients) {
     let server = Server::start(&["-s", "256M"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("in.img");
@@ -136,15 +133,17 @@ fn nbdcopy_round_trips_a_random_256_mib_image() {
     let image_arg = image.to_str().expect("utf-8 path");
     let out_arg = out.to_str().expect("utf-8 path");
     // In over TCP, back out over the Unix socket: both listeners carry the same export.
-    run_ok(&nbdcopy, &[image_arg, &server.tcp_uri("")]);
-    run_ok(&nbdcopy, &[&server.unix_uri(""), out_arg]);
+    clients.run_ok("nbdcopy", &[image_arg, &server.tcp_uri("")]);
+    clients.run_ok("nbdcopy", &[&server.unix_uri(""), out_arg]);
     assert_same_file(&image, &out);
+    clients.assert_headers(&server);
 }
+both_generations!(nbdcopy_round_trips_a_random_256_mib_image);
 
 /// (offset, length, type) from `nbdinfo --map --json`, with adjacent equal types merged (the
 /// server may split a run into several extents).
-fn map(uri: &str) -> Vec<(u64, u64, u64)> {
-    let entries = json(&run_ok(nbdinfo(), &["--map", "--json", uri]));
+fn map(clients: Clients, uri: &str) -> Vec<(u64, u64, u64)> {
+    let entries = json(&clients.run_ok("nbdinfo", &["--map", "--json", uri]));
     let mut merged: Vec<(u64, u64, u64)> = Vec::new();
     for entry in entries.as_array().expect("map array") {
         let offset = entry["offset"].as_u64().expect("offset");
@@ -158,8 +157,7 @@ fn map(uri: &str) -> Vec<(u64, u64, u64)> {
     merged
 }
 
-#[test]
-fn nbdinfo_map_shows_data_holes_and_trimmed_ranges() {
+fn nbdinfo_map_shows_data_holes_and_trimmed_ranges(clients: Clients) {
     const DATA: u64 = 0;
     const HOLE_ZERO: u64 = 3;
     let server = Server::start(&["-s", "16M"]);
@@ -174,7 +172,7 @@ fn nbdinfo_map_shows_data_holes_and_trimmed_ranges() {
     client.flush().expect("flush");
 
     assert_eq!(
-        map(&server.tcp_uri("")),
+        map(clients, &server.tcp_uri("")),
         [
             (0, 512 * KIB, HOLE_ZERO),
             (512 * KIB, 512 * KIB, DATA),
@@ -183,12 +181,34 @@ fn nbdinfo_map_shows_data_holes_and_trimmed_ranges() {
             (5 * MIB, 11 * MIB, HOLE_ZERO),
         ]
     );
+    clients.assert_headers(&server);
 }
+both_generations!(nbdinfo_map_shows_data_holes_and_trimmed_ranges);
 
-const MULTI_CONN_SCRIPT: &str = r#"
+/// Python helpers shared by the scripts below, and a time limit. `extended(h)` says whether the
+/// connection uses extended headers; libnbd 1.14 predates them and has no call to ask. `sent(h)`
+/// counts the requests (and options) libnbd put on the wire: libnbd 1.16 added the counter, so
+/// it is None with 1.14.
+const PRELUDE: &str = r#"
+import signal
 import sys
 import nbd
 
+# A server that stops answering fails the test instead of hanging it.
+signal.alarm(120)
+
+GiB = 1 << 30
+PAGE = 4096
+HOLE_ZERO = nbd.STATE_HOLE | nbd.STATE_ZERO
+
+def extended(h):
+    return hasattr(h, "get_extended_headers_negotiated") and h.get_extended_headers_negotiated()
+
+def sent(h):
+    return h.stats_chunks_sent() if hasattr(h, "stats_chunks_sent") else None
+"#;
+
+const MULTI_CONN_SCRIPT: &str = r#"
 uri = sys.argv[1]
 handles = []
 for _ in range(3):
@@ -228,25 +248,236 @@ for h in handles:
 print("multi-conn OK")
 "#;
 
-#[test]
-fn python_libnbd_multi_conn_write_flush_read() {
-    let python = require_tool("/usr/bin/python3", "python3");
-    let probe = Command::new(&python)
-        .args(["-c", "import nbd"])
-        .output()
-        .expect("run /usr/bin/python3");
-    assert!(
-        probe.status.success(),
-        "the nbd Python module is missing: install Debian package python3-libnbd\n{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
+fn python_libnbd_multi_conn_write_flush_read(clients: Clients) {
     let server = Server::start(&["-s", "64M"]);
-    let output = run(&python, &["-c", MULTI_CONN_SCRIPT, &server.unix_uri("")]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("multi-conn OK"),
-        "python3-libnbd script failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+    let script = format!("{PRELUDE}{MULTI_CONN_SCRIPT}");
+    clients.python_ok(&script, &[&server.unix_uri("")], "multi-conn OK");
+    clients.assert_headers(&server);
+}
+both_generations!(python_libnbd_multi_conn_write_flush_read);
+
+/// argv: URI, "1" if the client must negotiate extended headers. The export is 8 GiB.
+const ONE_REQUEST_SCRIPT: &str = r#"
+uri, expect_extended = sys.argv[1], sys.argv[2] == "1"
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(uri)
+size = h.get_size()
+assert size == 8 * GiB, size
+assert extended(h) == expect_extended, "extended headers negotiated: %s" % extended(h)
+
+if expect_extended:
+    # 5 GiB in one request: more than a compact header's 32-bit length can carry.
+    start, length = GiB, 5 * GiB
+else:
+    # With compact headers libnbd refuses a 5 GiB request rather than splitting it...
+    try:
+        h.trim(5 * GiB, GiB)
+        raise AssertionError("a 5 GiB TRIM went out with compact headers")
+    except nbd.Error as e:
+        assert e.errno == "ERANGE", e
+    # ... and the largest page-aligned request it can send is 4 GiB - 4 KiB.
+    start, length = GiB, 4 * GiB - PAGE
+end = start + length
+# Pages just outside the range, and its first, middle and last page.
+outside = {start - PAGE: b"<" * PAGE, end: b">" * PAGE}
+inside = {offset: bytes([i + 1]) * PAGE
+          for i, offset in enumerate([start, start + length // 2 // PAGE * PAGE, end - PAGE])}
+
+def merge(runs):
+    out = []
+    for offset, length, flags in runs:
+        if out and out[-1][2] == flags and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length, flags)
+        else:
+            out.append((offset, length, flags))
+    return out
+
+def expected(data_pages):
+    runs, at = [], 0
+    for offset in sorted(data_pages):
+        runs += [(at, offset - at, HOLE_ZERO), (offset, PAGE, 0)]
+        at = offset + PAGE
+    return merge([r for r in runs + [(at, size - at, HOLE_ZERO)] if r[1] > 0])
+
+def extents():
+    found = []
+    def collect(context, offset, entries, error):
+        assert context == "base:allocation", context
+        # block_status_64 passes (length, flags) pairs, block_status a flat list.
+        if entries and not isinstance(entries[0], tuple):
+            entries = list(zip(entries[0::2], entries[1::2]))
+        for length, flags in entries:
+            found.append((offset, length, flags))
+            offset += length
+        return 0
+    if expect_extended:
+        # One request over the whole 8 GiB, answered in full.
+        before = sent(h)
+        h.block_status_64(size, 0, collect)
+        assert sent(h) == before + 1
+    else:
+        offset = 0
+        while offset < size:
+            h.block_status(min(size - offset, 4 * GiB - PAGE), offset, collect)
+            offset = found[-1][0] + found[-1][1]
+    assert found[-1][0] + found[-1][1] == size, found
+    return merge(found)
+
+def fill():
+    for offset, data in list(outside.items()) + list(inside.items()):
+        h.pwrite(data, offset)
+    for offset, data in list(outside.items()) + list(inside.items()):
+        assert h.pread(PAGE, offset) == data, offset
+    assert extents() == expected(list(outside) + list(inside)), extents()
+
+def check_range_is_a_hole(what):
+    for offset in inside:
+        assert h.pread(PAGE, offset) == bytes(PAGE), (what, offset)
+    # The edges, byte-exact: the page before and after the range survive.
+    assert h.pread(2 * PAGE, start - PAGE) == b"<" * PAGE + bytes(PAGE), what
+    assert h.pread(2 * PAGE, end - PAGE) == bytes(PAGE) + b">" * PAGE, what
+    got = extents()
+    assert got == expected(outside), (what, got)
+
+def one_request(call):
+    before = sent(h)
+    call()
+    if before is not None:
+        assert sent(h) == before + 1, "libnbd split the request"
+
+fill()
+one_request(lambda: h.trim(length, start))
+check_range_is_a_hole("trim")
+fill()
+# WRITE_ZEROES without NO_HOLE: ramnbd punches a hole, as for TRIM.
+one_request(lambda: h.zero(length, start))
+check_range_is_a_hole("write zeroes")
+h.shutdown()
+print("one request OK")
+"#;
+
+/// One TRIM, one WRITE_ZEROES and one BLOCK_STATUS as large as the client can send, on an 8 GiB
+/// export: with extended headers (libnbd 1.22) 5 GiB each, and the block status covers the whole
+/// export; with compact headers (libnbd 1.14) a 5 GiB request is refused by libnbd and 4 GiB - 4
+/// KiB is the most. Either way the pages next to the range survive, the range reads back as
+/// zeroes, and block status shows it as a hole.
+fn one_request_trims_and_zeroes_gigabytes(clients: Clients) {
+    // Thin: an 8 GiB export holds only the few pages the script writes.
+    let server = Server::start(&["-s", "8G"]);
+    let extended = if clients == Clients::Debian13 {
+        "1"
+    } else {
+        "0"
+    };
+    let script = format!("{PRELUDE}{ONE_REQUEST_SCRIPT}");
+    clients.python_ok(&script, &[&server.unix_uri(""), extended], "one request OK");
+}
+both_generations!(one_request_trims_and_zeroes_gigabytes);
+
+/// argv: URI of a 64 MiB writable export, URI of a read-only export. Each bad request is sent
+/// twice: with strict mode on, libnbd refuses it without sending anything; with strict mode off
+/// it goes to the server, which must answer with the NBD error the spec (doc/proto.md, "Error
+/// values") names, and the connection must stay usable. ramnbd advertises a minimum block size
+/// of 1, so no request is misaligned.
+const STRICT_SCRIPT: &str = r#"
+uri, ro_uri = sys.argv[1], sys.argv[2]
+
+def connect(uri, **settings):
+    h = nbd.NBD()
+    if settings.get("contexts", True):
+        h.add_meta_context("base:allocation")
+    if not settings.get("structured", True):
+        h.set_request_structured_replies(False)
+    h.connect_uri(uri)
+    return h
+
+h = connect(uri)
+size = h.get_size()
+last = b"L" * PAGE
+h.pwrite(last, size - PAGE)
+no_context = connect(uri, contexts=False)
+# Without structured replies the server must not advertise DF (the spec ties it to them).
+simple = connect(uri, structured=False)
+assert h.can_df() and not simple.can_df(), "DF with and without structured replies"
+ro = connect(ro_uri)
+assert ro.is_read_only(), "the read-only export is not read-only"
+
+straddle = size - PAGE // 2
+cases = [
+    # (what, handle, call, the server's error)
+    ("read past the end", h, lambda: h.pread(PAGE, straddle), "EINVAL"),
+    ("write past the end", h, lambda: h.pwrite(b"x" * PAGE, straddle), "ENOSPC"),
+    ("trim past the end", h, lambda: h.trim(PAGE, straddle), "EINVAL"),
+    ("write zeroes past the end", h, lambda: h.zero(PAGE, straddle), "ENOSPC"),
+    ("cache past the end", h, lambda: h.cache(PAGE, straddle), "EINVAL"),
+    ("block status past the end", h,
+     lambda: h.block_status(PAGE, straddle, lambda *a: 0), "EINVAL"),
+    ("block status without a context", no_context,
+     lambda: no_context.block_status(PAGE, 0, lambda *a: 0), "EINVAL"),
+    ("NO_HOLE on a read", h, lambda: h.pread(PAGE, 0, nbd.CMD_FLAG_NO_HOLE), "EINVAL"),
+    ("DF on a write", h, lambda: h.pwrite(b"x" * PAGE, 0, nbd.CMD_FLAG_DF), "EINVAL"),
+    ("REQ_ONE on a trim", h, lambda: h.trim(PAGE, 0, nbd.CMD_FLAG_REQ_ONE), "EINVAL"),
+    ("undefined flag 0x80", h, lambda: h.pread(PAGE, 0, 0x80), "EINVAL"),
+    ("DF not advertised", simple, lambda: simple.pread(PAGE, 0, nbd.CMD_FLAG_DF), "EINVAL"),
+    ("write on a read-only export", ro, lambda: ro.pwrite(b"x" * PAGE, 0), "EPERM"),
+    ("trim on a read-only export", ro, lambda: ro.trim(PAGE, 0), "EPERM"),
+    ("write zeroes on a read-only export", ro, lambda: ro.zero(PAGE, 0), "EPERM"),
+]
+
+def usable(handle, what):
+    # Any bad request leaves the connection in sync: a normal read still works.
+    expected = last if handle is not ro else bytes(PAGE)
+    offset = size - PAGE if handle is not ro else 0
+    assert handle.pread(PAGE, offset) == expected, what
+
+for strict in (True, False):
+    for what, handle, call, errno in cases:
+        handle.set_strict_mode(handle.get_strict_mode() if strict else 0)
+        before = sent(handle)
+        try:
+            call()
+            raise AssertionError("%s succeeded (strict %s)" % (what, strict))
+        except nbd.Error as e:
+            # libnbd words a server's error reply as "CMD: command failed: ...".
+            from_server = "command failed" in e.string
+            if strict:
+                assert not from_server and sent(handle) == before, (what, e.string)
+            else:
+                assert from_server and e.errno == errno, (what, e.string, e.errno)
+                assert before is None or sent(handle) == before + 1, what
+        usable(handle, what)
+    for handle in (h, no_context, simple, ro):
+        handle.set_strict_mode(nbd.STRICT_MASK)
+
+# The refused requests changed nothing, not even their in-range part.
+assert h.pread(PAGE, size - PAGE) == last
+
+# A zero-length request is refused by strict libnbd; the spec leaves its meaning open (the server
+# SHOULD NOT disconnect), and ramnbd answers it with success.
+h.set_strict_mode(0)
+assert h.pread(0, 0) == b""
+h.pwrite(b"", 0)
+h.trim(0, 0)
+# Strict mode off also drops libnbd 1.22's PAYLOAD_LEN flag from writes: an extended WRITE
+# without it, as qemu sends them, carries its data all the same.
+h.pwrite(b"q" * PAGE, 8 * PAGE)
+assert h.pread(PAGE, 8 * PAGE) == b"q" * PAGE
+usable(h, "after zero-length requests")
+print("strict mode OK")
+"#;
+
+/// Requests a strict libnbd refuses to send (out of bounds, a flag the command does not take or
+/// the server did not advertise, a write to a read-only export) are refused client-side with
+/// strict mode on; with it off the server answers each with the right NBD error and the
+/// connection stays usable.
+fn libnbd_strict_mode_on_and_off(clients: Clients) {
+    let server = Server::start(&["-e", "=64M", "-e", "ro=1M,ro"]);
+    let script = format!("{PRELUDE}{STRICT_SCRIPT}");
+    clients.python_ok(
+        &script,
+        &[&server.unix_uri(""), &server.tcp_uri("ro")],
+        "strict mode OK",
     );
 }
+both_generations!(libnbd_strict_mode_on_and_off);
