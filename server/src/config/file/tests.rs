@@ -1,0 +1,332 @@
+use super::*;
+
+fn parse_str(text: &str) -> Result<Config, ConfigError> {
+    parse(Path::new("/etc/ramnbd/test.toml"), text)
+}
+
+fn error(text: &str) -> String {
+    parse_str(text).unwrap_err().to_string()
+}
+
+#[test]
+fn a_full_file() {
+    let c = parse_str(
+        r#"
+[listen]
+tcp = ["127.0.0.1:10809", "[::1]:10809"]
+unix = ["/run/ramnbd/ramnbd.sock"]
+
+[[export]]
+name = "scratch"
+size = "16G"
+description = "scratch space"
+max-memory = "8G"
+
+[[export]]
+name = "iso"
+size = 4194304
+read-only = true
+
+[memory]
+max-memory = "20G"
+mlock = true
+hugepages = true
+
+[logging]
+level = "debug"
+
+[metrics]
+listen = "127.0.0.1:9109"
+
+[server]
+max-connections = 64
+shutdown-grace = "2500ms"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.exports.len(), 2);
+    assert_eq!(c.exports[0].size, 16 << 30);
+    assert_eq!(c.exports[0].max_memory, Some(8 << 30));
+    assert_eq!(c.exports[0].description, "scratch space");
+    assert_eq!(c.exports[1].size, 4 << 20);
+    assert!(c.exports[1].read_only);
+    assert_eq!(
+        c.listen,
+        vec![
+            ListenAddr::Tcp("127.0.0.1:10809".into()),
+            ListenAddr::Tcp("[::1]:10809".into()),
+            ListenAddr::Unix("/run/ramnbd/ramnbd.sock".into()),
+        ]
+    );
+    assert_eq!(
+        c.memory,
+        MemoryConfig {
+            max_memory: Some(20 << 30),
+            mlock: true,
+            hugepages: true
+        }
+    );
+    assert_eq!(c.log_level.as_deref(), Some("debug"));
+    assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9109"));
+    assert_eq!(c.max_connections, 64);
+    assert_eq!(c.shutdown_grace, Duration::from_millis(2500));
+}
+
+#[test]
+fn an_empty_file_is_the_builtin_default() {
+    let c = parse_str("# nothing\n").unwrap();
+    let d = Config::builtin();
+    assert_eq!(c.exports, d.exports);
+    assert_eq!(c.listen, d.listen);
+    assert_eq!(c.shutdown_grace, d.shutdown_grace);
+}
+
+#[test]
+fn unknown_keys_name_the_line_the_key_and_the_allowed_ones() {
+    let e = error("[[export]]\nname = \"a\"\nsize = \"1G\"\nsise = \"2G\"\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:4:1: export[0].sise: unknown field `sise`"),
+        "{e}"
+    );
+    assert!(e.contains("`max-memory`"), "{e}");
+    assert!(
+        e.contains("fix: remove the key or correct its spelling"),
+        "{e}"
+    );
+    assert!(e.contains("4 | sise = \"2G\""), "{e}");
+
+    let e = error("[memmory]\nmlock = true\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:1:2: memmory: unknown field `memmory`"),
+        "{e}"
+    );
+    let e = error("[server]\ngrace = 3\n");
+    assert!(e.contains(":2:1: server.grace: unknown field"), "{e}");
+}
+
+#[test]
+fn bad_sizes() {
+    let e = error("[[export]]\nname = \"a\"\nsize = \"12Q\"\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:3:8: export[0].size: bad size \"12Q\""),
+        "{e}"
+    );
+    assert!(e.contains("fix: write a size with binary units"), "{e}");
+    let e = error("[[export]]\nname = \"a\"\nsize = 0\n");
+    assert!(
+        e.contains(":3:8: export[0].size: bad size \"0\": size must be greater than zero"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = -5\n");
+    assert!(e.contains("export[0].size: bad size -5: negative"), "{e}");
+    let e = error("[memory]\nmax-memory = \"lots\"\n");
+    assert!(
+        e.contains(":2:14: memory.max-memory: bad size \"lots\""),
+        "{e}"
+    );
+    let e = error(
+        "[[export]]\nname = \"a\"\nsize = \"1G\"\n[[export]]\nname = \"b\"\nsize = \"1G\"\nmax-memory = \"1.5.5G\"\n",
+    );
+    assert!(e.contains(":7:14: export[1].max-memory: bad size"), "{e}");
+}
+
+#[test]
+fn duplicate_exports() {
+    let e = error(
+        "[[export]]\nname = \"a\"\nsize = \"1G\"\n\n[[export]]\nname = \"a\"\nsize = \"2G\"\n",
+    );
+    assert!(e.starts_with("/etc/ramnbd/test.toml:6:8: export[1].name: export name \"a\" is used twice (first at line 2)"), "{e}");
+    assert!(e.contains("fix: give every [[export]] its own name"), "{e}");
+}
+
+#[test]
+fn colliding_listeners() {
+    let e = error("[listen]\ntcp = [\"0.0.0.0:10809\", \"127.0.0.1:10809\"]\n");
+    assert!(
+        e.contains(
+            ":2:25: listen.tcp[1]: \"127.0.0.1:10809\" collides with \"0.0.0.0:10809\" (line 2)"
+        ),
+        "{e}"
+    );
+    let e = error("[listen]\nunix = [\"/run/a.sock\",\n  \"/run/a.sock\"]\n");
+    assert!(
+        e.contains(":3:3: listen.unix[1]: socket /run/a.sock is listed twice (first at line 2)"),
+        "{e}"
+    );
+    let e = error("[listen]\ntcp = [\"127.0.0.1\"]\n");
+    assert!(
+        e.contains("listen.tcp[0]: \"127.0.0.1\" has no port"),
+        "{e}"
+    );
+    let e = error("[listen]\ntcp = []\n");
+    assert!(
+        e.contains(":1:1: listen: [listen] has no tcp or unix entries"),
+        "{e}"
+    );
+    let e =
+        error("[listen]\ntcp = [\"127.0.0.1:10809\"]\n[metrics]\nlisten = \"127.0.0.1:10809\"\n");
+    assert!(
+        e.contains(":4:10: metrics.listen: the metrics address"),
+        "{e}"
+    );
+    // Port 0 never collides, and different addresses on one port are fine.
+    parse_str("[listen]\ntcp = [\"127.0.0.1:0\", \"127.0.0.1:0\", \"127.0.0.2:10809\", \"127.0.0.1:10809\"]\n").unwrap();
+}
+
+#[test]
+fn syntax_and_type_errors() {
+    let e = error("[[export]]\nname = scratch\n");
+    assert!(e.starts_with("/etc/ramnbd/test.toml:2:8: (syntax):"), "{e}");
+    assert!(e.contains("fix: fix the TOML syntax"), "{e}");
+    let e = error("[memory]\nmlock = \"yes\"\n");
+    assert!(
+        e.contains(":2:9: memory.mlock: invalid type: string \"yes\", expected a boolean"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = 1\n\n[[export]]\nname = \"b\"\n");
+    assert!(
+        e.contains(":5:1: export[1].size: missing field `size`"),
+        "{e}"
+    );
+    let e = error("[server]\nshutdown-grace = \"soon\"\n");
+    assert!(
+        e.contains(":2:18: server.shutdown-grace: bad duration \"soon\""),
+        "{e}"
+    );
+    let e = error("[logging]\nlevel = \"loud=[\"\n");
+    assert!(e.contains(":2:9: logging.level:"), "{e}");
+    let e = error("[server]\nmax-connections = 0\n");
+    assert!(
+        e.contains("server.max-connections: must be at least 1"),
+        "{e}"
+    );
+}
+
+fn cli(args: &[&str]) -> crate::cli::Cli {
+    use clap::Parser;
+    let mut argv = vec!["ramnbd"];
+    argv.extend_from_slice(args);
+    crate::cli::Cli::try_parse_from(argv).unwrap()
+}
+
+const FILE: &str = r#"
+[listen]
+tcp = ["127.0.0.1:10809"]
+unix = ["/run/ramnbd/ramnbd.sock"]
+[[export]]
+name = "a"
+size = "1G"
+[[export]]
+name = "b"
+size = "2G"
+[memory]
+max-memory = "2G"
+[metrics]
+listen = "127.0.0.1:9109"
+[server]
+shutdown-grace = "3s"
+"#;
+
+#[test]
+fn flags_override_the_file() {
+    let file = parse_str(FILE).unwrap();
+    // No flags: the file as it is.
+    let c = file.clone().apply_cli(cli(&[])).unwrap();
+    assert_eq!(c.exports.len(), 2);
+    assert_eq!(c.listen.len(), 2);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(3));
+
+    let c = file
+        .clone()
+        .apply_cli(cli(&[
+            "-e",
+            "x=4G",
+            "-l",
+            "127.0.0.1:0",
+            "--max-memory",
+            "1G",
+            "--mlock",
+            "--read-only",
+            "--metrics",
+            "127.0.0.1:9200",
+            "--shutdown-grace",
+            "500ms",
+            "--log-level",
+            "warn",
+        ]))
+        .unwrap();
+    assert_eq!(c.exports.len(), 1);
+    assert_eq!(
+        (c.exports[0].name.as_str(), c.exports[0].size),
+        ("x", 4 << 30)
+    );
+    assert!(c.exports[0].read_only);
+    assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:0".into())]);
+    assert_eq!(c.memory.max_memory, Some(1 << 30));
+    assert!(c.memory.mlock);
+    assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9200"));
+    assert_eq!(c.shutdown_grace, Duration::from_millis(500));
+    assert_eq!(c.log_level.as_deref(), Some("warn"));
+
+    // --size replaces the file's exports with one default export; -u alone replaces TCP too.
+    let c = file
+        .clone()
+        .apply_cli(cli(&["-s", "8G", "-u", "/tmp/x.sock"]))
+        .unwrap();
+    assert_eq!(c.exports.len(), 1);
+    assert_eq!(
+        (c.exports[0].name.as_str(), c.exports[0].size),
+        ("", 8 << 30)
+    );
+    assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/x.sock".into())]);
+
+    // The file's metrics address may collide with a listener given on the command line.
+    let err = file
+        .apply_cli(cli(&["-l", "127.0.0.1:9109"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--metrics \"127.0.0.1:9109\": collides with the NBD listener"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_flags() {
+    let err = |args: &[&str]| {
+        Config::builtin()
+            .apply_cli(cli(args))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&["--shutdown-grace", "soon"]).starts_with("--shutdown-grace \"soon\""));
+    assert!(
+        err(&["-l", "0.0.0.0:1", "-l", "127.0.0.1:1"])
+            .contains("collides with --listen \"0.0.0.0:1\"")
+    );
+    assert!(err(&["--metrics", "9109"]).contains("has no port"));
+    assert!(err(&["-u", "/a", "-u", "/a"]).contains("given twice"));
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+    assert!(parse_duration("").is_err());
+    assert!(parse_duration("3h").is_err());
+    assert!(parse_duration("100000m").is_err());
+}
+
+#[test]
+fn key_paths() {
+    let text = "a = 1\n[t]\nb = [1, {c = 2}]\n[[x]]\nd = 3\n[[x]]\ne = 4\n";
+    let doc = DeTable::parse(text).unwrap();
+    let at = |needle: &str| key_at(doc.get_ref(), text.find(needle).unwrap());
+    assert_eq!(at("a =").as_deref(), Some("a"));
+    assert_eq!(at("c =").as_deref(), Some("t.b[1].c"));
+    assert_eq!(at("2}").as_deref(), Some("t.b[1].c"));
+    assert_eq!(at("e =").as_deref(), Some("x[1].e"));
+    assert_eq!(at("3\n").as_deref(), Some("x[0].d"));
+}
