@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::{MemoryConfig, parse_duration};
 
 fn parse_str(text: &str) -> Result<Config, ConfigError> {
     parse(Path::new("/etc/ramnbd/test.toml"), text)
@@ -319,14 +320,32 @@ fn durations() {
     assert!(parse_duration("100000m").is_err());
 }
 
+/// Key paths come from the walk over toml's spanned document, at any depth and however a
+/// table is written (header, dotted key, inline table, array of tables).
 #[test]
 fn key_paths() {
-    let text = "a = 1\n[t]\nb = [1, {c = 2}]\n[[x]]\nd = 3\n[[x]]\ne = 4\n";
-    let doc = DeTable::parse(text).unwrap();
-    let at = |needle: &str| key_at(doc.get_ref(), text.find(needle).unwrap());
-    assert_eq!(at("a =").as_deref(), Some("a"));
-    assert_eq!(at("c =").as_deref(), Some("t.b[1].c"));
-    assert_eq!(at("2}").as_deref(), Some("t.b[1].c"));
-    assert_eq!(at("e =").as_deref(), Some("x[1].e"));
-    assert_eq!(at("3\n").as_deref(), Some("x[0].d"));
+    let key = |text: &str| match parse_str(text).unwrap_err() {
+        ConfigError::File(err) => (err.key, err.line, err.column),
+        other => panic!("not a file error: {other}"),
+    };
+    assert_eq!(key("a = 1\n"), ("a".into(), 1, 1));
+    assert_eq!(
+        key("[listen]\ntcp = [\"127.0.0.1:1\", 2]\n"),
+        ("listen.tcp[1]".into(), 2, 23)
+    );
+    assert_eq!(
+        key("memory = { mlock = 1 }\n"),
+        ("memory.mlock".into(), 1, 20)
+    );
+    assert_eq!(
+        key("server.shutdown-grace = \"x\"\n"),
+        ("server.shutdown-grace".into(), 1, 25)
+    );
+    assert_eq!(key("export = [1]\n"), ("export[0]".into(), 1, 11));
+    assert_eq!(
+        key(
+            "[[export]]\nname = \"a\"\nsize = 1\n[[export]]\nname = \"b\"\nsize = 1\ndescription = 5\n"
+        ),
+        ("export[1].description".into(), 7, 15)
+    );
 }
