@@ -349,3 +349,147 @@ fn key_paths() {
         ("export[1].description".into(), 7, 15)
     );
 }
+
+/// The file must be valid on its own, and so must the flags over it; a clash between the two
+/// names the flag and, for the file's side, its line.
+#[test]
+fn file_and_flags_are_validated_alike() {
+    let path = Path::new("/etc/ramnbd/test.toml");
+    let with = |text: &str, args: &[&str]| parse(path, text).and_then(|c| c.apply_cli(cli(args)));
+
+    // A file that is wrong on its own stays wrong when flags replace the part that is wrong:
+    // the service may be started without those flags.
+    let colliding = "[listen]\ntcp = [\"0.0.0.0:10809\", \"127.0.0.1:10809\"]\n";
+    let e = with(colliding, &["-l", "127.0.0.1:0"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":2:25: listen.tcp[1]:"), "{e}");
+
+    let listener = "\n[listen]\ntcp = [\"127.0.0.1:10809\"]\n";
+    let e = with(listener, &["--metrics", "127.0.0.1:10809"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "--metrics \"127.0.0.1:10809\": collides with the NBD listener \"127.0.0.1:10809\" \
+             (line 3); give metrics a port of its own"
+        ),
+        "{e}"
+    );
+    let e = with(
+        "[metrics]\nlisten = \"127.0.0.1:9\"\n",
+        &["-l", "127.0.0.1:9"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("listener --listen \"127.0.0.1:9\"; give metrics a port of its own with --metrics, which overrides metrics.listen at /etc/ramnbd/test.toml:2"),
+        "{e}"
+    );
+
+    let long = "x".repeat(4097);
+    let e = error(&format!("[[export]]\nname = \"{long}\"\nsize = 1\n"));
+    assert!(
+        e.contains(":2:8: export[0].name: the export name is longer than the 4096 bytes"),
+        "{e}"
+    );
+    let e = with("", &["-e", &format!("{long}=1M")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--export \"xxx") && e.contains("is longer than the 4096 bytes"));
+
+    // clap itself refuses an empty --unix.
+    let e = error("[listen]\nunix = [\"\"]\n");
+    assert!(
+        e.contains(":2:9: listen.unix[0]: the socket path is empty"),
+        "{e}"
+    );
+}
+
+#[test]
+fn more_file_errors() {
+    let e = error("[export]\nname = \"a\"\nsize = \"1G\"\n");
+    assert!(e.contains(":1:1: export: a single [export] table"), "{e}");
+    assert!(
+        e.contains("fix: write [[export]], in double brackets"),
+        "{e}"
+    );
+    let e = error("[metrics]\nlisten = \"127.0.0.1:9109\"\nport = 1\n");
+    assert!(
+        e.contains(":3:1: metrics.port: unknown field `port`, expected `listen`\n"),
+        "{e}"
+    );
+    let e = error("[server]\nmax-connections = -3\n");
+    assert!(
+        e.contains(":2:19: server.max-connections: must be at least 1"),
+        "{e}"
+    );
+    let e = error("[server]\nmax-connections = \"many\"\n");
+    assert!(
+        e.contains("invalid type: string \"many\", expected a whole number"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = 1.5\n");
+    assert!(
+        e.contains(":3:8: export[0].size: bad size 1.5: not a whole number"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = 99999999999999999999\n");
+    assert!(
+        e.contains("export[0].size: 99999999999999999999 is out of range"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = 7\nsize = 1\n");
+    assert!(
+        e.contains(":2:8: export[0].name: invalid type: integer `7`, expected a string"),
+        "{e}"
+    );
+    let e = error("listen = [\"127.0.0.1:1\"]\n");
+    assert!(
+        e.contains(":1:10: listen: invalid type: array, expected a table"),
+        "{e}"
+    );
+    let e = error("a = 1\na = 2\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:2:1: (syntax): duplicate key"),
+        "{e}"
+    );
+    // Durations: humantime's forms, and plain numbers of seconds.
+    let grace = |value: &str| {
+        parse_str(&format!("[server]\nshutdown-grace = {value}\n"))
+            .unwrap()
+            .shutdown_grace
+    };
+    assert_eq!(grace("\"1m30s\""), Duration::from_secs(90));
+    assert_eq!(grace("90"), Duration::from_secs(90));
+    assert_eq!(grace("1.5"), Duration::from_millis(1500));
+    assert_eq!(grace("\"0.5m\""), Duration::from_secs(30));
+    // An empty export list keeps the default export, as leaving it out does.
+    assert_eq!(
+        parse_str("export = []\n").unwrap().exports,
+        Config::builtin().exports
+    );
+}
+
+#[test]
+fn humantime_durations() {
+    assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("10 s"), Ok(Duration::from_secs(10)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    assert_eq!(
+        parse_duration("61m"),
+        Err("out of range (at most an hour)".into())
+    );
+    assert_eq!(
+        parse_duration("5 fortnights"),
+        Err("unknown unit \"fortnights\"; use ms, s, m or h".into())
+    );
+    assert_eq!(
+        parse_duration("soon"),
+        Err("expected a number with a unit, such as 10s, 500ms or 1m30s".into())
+    );
+    assert!(parse_duration("-1").is_err());
+    assert!(parse_duration("nan").is_err());
+}
