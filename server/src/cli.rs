@@ -51,7 +51,7 @@ pub struct Cli {
     pub metrics: Option<String>,
 
     /// How long a stopping server (SIGTERM, SIGINT) lets connections finish requests already
-    /// sent before it closes them (e.g. 10s, 500ms; default 10s).
+    /// sent before it closes them (e.g. 10s, 500ms, 1m30s; at most 1h; default 10s).
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
 

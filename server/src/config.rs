@@ -1,12 +1,24 @@
-//! Validated server configuration, built from the configuration file (see [`file`]) and the
-//! command line, whose flags override the file: [`Config::load`].
+//! Validated server configuration: the built-in defaults, the configuration file over them (see
+//! [`file`]), the command-line flags over that (see [`Config::apply_cli`]): [`Config::load`].
+//!
+//! Each source turns its text into typed values; [`Config::validate`] then checks the rules
+//! between values, whichever source gave them. Each value that it may refuse keeps its
+//! [`Origin`], a place in the file or a flag, so that the error points where the operator has
+//! to change it.
 
 pub mod file;
+mod flags;
+mod value;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use flags::parse_export;
+pub use value::{check_log_level, format_size, parse_duration, parse_size};
+
 use crate::cli::Cli;
+use crate::proto::consts::MAX_STRING;
+use value::tcp_collide;
 
 /// The default listener: loopback only, the IANA NBD port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -121,6 +133,67 @@ pub struct Config {
     pub metrics: Option<String>,
     /// The configuration file this came from, if any.
     pub source: Option<PathBuf>,
+    /// Where the values that [`Config::validate`] checks came from.
+    origins: Origins,
+}
+
+/// Where the values that [`Config::validate`] checks came from: one entry per export (for its
+/// name) and per listener, in the order of `exports` and `listen`. A missing entry is the
+/// built-in default.
+#[derive(Debug, Clone, Default)]
+struct Origins {
+    exports: Vec<Origin>,
+    listen: Vec<Origin>,
+    /// Where the listeners were given as a whole, for an empty list.
+    listen_section: Origin,
+    metrics: Origin,
+}
+
+/// Where a value came from, so that an error about it points there.
+#[derive(Debug, Clone, Default)]
+enum Origin {
+    /// The built-in defaults.
+    #[default]
+    Default,
+    /// A place in the configuration file: the error there, still without message and fix.
+    File(Box<FileError>),
+    /// A command-line flag.
+    Flag(&'static str),
+}
+
+impl Origin {
+    /// An error about `value`, given here, that `problem` says what is wrong with and `fix` how
+    /// to fix. In the file, `subject` introduces the value ("the metrics address \"…\""); a
+    /// flag's message starts with the flag and the value themselves.
+    fn error(&self, value: &str, subject: &str, problem: &str, fix: &str) -> ConfigError {
+        // The defaults are valid and are replaced as a whole, so the value reported is never
+        // one of them; should it be, the error still says what is wrong.
+        let flag = match self {
+            Origin::File(place) => {
+                return ConfigError::File(Box::new(FileError {
+                    message: format!("{subject} {problem}"),
+                    fix: fix.to_owned(),
+                    ..(**place).clone()
+                }));
+            }
+            Origin::Flag(flag) => flag,
+            Origin::Default => "the built-in default",
+        };
+        ConfigError::Flag {
+            flag,
+            value: value.to_owned(),
+            reason: format!("{problem}; {fix}"),
+        }
+    }
+
+    /// Names `value`, given here, in an error about another value.
+    fn mention(&self, value: &str) -> String {
+        match self {
+            Origin::File(place) => format!("{value:?} (line {})", place.line),
+            Origin::Flag(flag) => format!("{flag} {value:?}"),
+            Origin::Default => format!("{value:?} (the default)"),
+        }
+    }
 }
 
 /// The built-in default grace period for a stopping server.
@@ -145,6 +218,7 @@ impl Config {
             max_connections: 1024,
             metrics: None,
             source: None,
+            origins: Origins::default(),
         }
     }
 
@@ -158,7 +232,9 @@ impl Config {
         (!cli.no_config && default.exists()).then(|| default.to_owned())
     }
 
-    /// The file (if any, see [`Config::file_for`]) with the command-line flags on top.
+    /// The file (if any, see [`Config::file_for`]) with the command-line flags on top. The file
+    /// must be valid on its own, as `--check-config FILE` and a service without flags see it,
+    /// and so must the result with the flags.
     pub fn load(cli: Cli) -> Result<Config, ConfigError> {
         let base = match Config::file_for(&cli) {
             Some(path) => file::load(&path)?,
@@ -167,102 +243,161 @@ impl Config {
         base.apply_cli(cli)
     }
 
-    /// Applies command-line flags over `self`. Export flags (`--size`, `--export`) replace the
-    /// file's exports, listener flags (`--listen`, `--unix`) its listeners; `--read-only`,
-    /// `--mlock` and `--hugepages` switch on; every other flag replaces the file's value.
-    pub fn apply_cli(mut self, cli: Cli) -> Result<Config, ConfigError> {
-        if !cli.exports.is_empty() {
-            let exports = cli
-                .exports
-                .iter()
-                .map(|spec| parse_export(spec))
-                .collect::<Result<Vec<_>, _>>()?;
-            for (i, export) in exports.iter().enumerate() {
-                if exports[..i].iter().any(|e| e.name == export.name) {
-                    return Err(ConfigError::DuplicateExport(export.name.clone()));
-                }
+    /// Checks what no single value shows: export names unique and at most 4096 bytes, at
+    /// least one listener, no two listeners (nor metrics and a listener) on one address, no Unix
+    /// socket twice. Sizes, durations, addresses and log filters were checked as they were
+    /// read. The error points at the value to change, in the file or on the command line.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_exports()?;
+        self.check_listeners()?;
+        self.check_metrics()
+    }
+
+    fn check_exports(&self) -> Result<(), ConfigError> {
+        let origin = |i| self.origins.exports.get(i).unwrap_or(&Origin::Default);
+        for (i, export) in self.exports.iter().enumerate() {
+            let name = &export.name;
+            if name.len() > MAX_STRING {
+                let problem = "is longer than the 4096 bytes NBD allows";
+                return Err(origin(i).error(
+                    name,
+                    "the export name",
+                    problem,
+                    "use a shorter name",
+                ));
             }
-            self.exports = exports;
-        } else if let Some(text) = &cli.size {
-            let mut export = Config::builtin().exports.remove(0);
-            export.size = parse_size(text, "--size")?;
-            self.exports = vec![export];
+            if let Some(first) = self.exports[..i].iter().position(|e| e.name == *name) {
+                let Origin::File(first) = origin(first) else {
+                    return Err(ConfigError::DuplicateExport(name.clone()));
+                };
+                return Err(origin(i).error(
+                    name,
+                    &format!("export name {name:?}"),
+                    &format!("is used twice (first at line {})", first.line),
+                    "give every [[export]] its own name (\"\" is the default export)",
+                ));
+            }
         }
-        if cli.read_only {
-            self.exports.iter_mut().for_each(|e| e.read_only = true);
+        Ok(())
+    }
+
+    /// The listeners, each with where it was given.
+    fn listeners(&self) -> impl Iterator<Item = (&ListenAddr, &Origin)> {
+        let origins = self
+            .origins
+            .listen
+            .iter()
+            .chain(std::iter::repeat(&Origin::Default));
+        self.listen.iter().zip(origins)
+    }
+
+    fn check_listeners(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(self.origins.listen_section.error(
+                "",
+                "[listen]",
+                "has no tcp or unix entries, so there is nowhere to serve",
+                "add tcp = [\"127.0.0.1:10809\"] or unix = [\"/run/ramnbd/ramnbd.sock\"], or \
+                 remove [listen] for the default 127.0.0.1:10809",
+            ));
         }
-        if !cli.listen.is_empty() || !cli.unix.is_empty() {
-            for (i, addr) in cli.listen.iter().enumerate() {
-                file::check_host_port(addr).map_err(|reason| ConfigError::Flag {
-                    flag: "--listen",
-                    value: addr.clone(),
-                    reason,
-                })?;
-                if let Some(first) = cli.listen[..i].iter().find(|a| file::tcp_collide(a, addr)) {
-                    return Err(ConfigError::Flag {
-                        flag: "--listen",
-                        value: addr.clone(),
-                        reason: format!("collides with --listen {first:?}; give each address once"),
+        for (i, (listener, at)) in self.listeners().enumerate() {
+            let mut earlier = self.listeners().take(i);
+            match listener {
+                ListenAddr::Tcp(addr) => {
+                    let clash = earlier.find_map(|(other, first_at)| match other {
+                        ListenAddr::Tcp(first) if tcp_collide(first, addr) => {
+                            Some((first, first_at))
+                        }
+                        _ => None,
                     });
+                    if let Some((first, first_at)) = clash {
+                        let problem = format!(
+                            "collides with {}: both cannot be bound",
+                            first_at.mention(first)
+                        );
+                        return Err(at.error(
+                            addr,
+                            &format!("{addr:?}"),
+                            &problem,
+                            "listen on each address and port once; 0.0.0.0 and [::] already \
+                             cover every address of their port",
+                        ));
+                    }
+                }
+                ListenAddr::Unix(path) => {
+                    let shown = path.display().to_string();
+                    if shown.is_empty() {
+                        let fix = "give the socket's path, such as \"/run/ramnbd/ramnbd.sock\"";
+                        return Err(at.error("", "the socket path", "is empty", fix));
+                    }
+                    if let Some((_, first_at)) = earlier.find(|(other, _)| *other == listener) {
+                        // The file lists its sockets; flags are given.
+                        let problem = match first_at {
+                            Origin::File(first) => {
+                                format!("is listed twice (first at line {})", first.line)
+                            }
+                            _ => "is given twice".to_owned(),
+                        };
+                        let fix = "list each Unix socket path once";
+                        return Err(at.error(&shown, &format!("socket {shown}"), &problem, fix));
+                    }
                 }
             }
-            for (i, path) in cli.unix.iter().enumerate() {
-                if cli.unix[..i].contains(path) {
-                    return Err(ConfigError::Flag {
-                        flag: "--unix",
-                        value: path.display().to_string(),
-                        reason: "given twice".to_owned(),
-                    });
-                }
+        }
+        Ok(())
+    }
+
+    fn check_metrics(&self) -> Result<(), ConfigError> {
+        let Some(metrics) = &self.metrics else {
+            return Ok(());
+        };
+        let clash = self.listeners().find_map(|(listener, at)| match listener {
+            ListenAddr::Tcp(addr) if tcp_collide(addr, metrics) => Some((addr, at)),
+            _ => None,
+        });
+        let Some((nbd, nbd_at)) = clash else {
+            return Ok(());
+        };
+        let subject = format!("the metrics address {metrics:?}");
+        let problem = format!("collides with the NBD listener {}", nbd_at.mention(nbd));
+        Err(match (&self.origins.metrics, nbd_at) {
+            // The file alone was valid: the listener flags made it clash, so the fix belongs on
+            // the command line too.
+            (Origin::File(place), Origin::Flag(_)) => {
+                let fix = format!(
+                    "give metrics a port of its own with --metrics, which overrides \
+                     metrics.listen at {}:{}",
+                    place.path.display(),
+                    place.line
+                );
+                Origin::Flag("--metrics").error(metrics, &subject, &problem, &fix)
             }
-            self.listen = cli.listen.into_iter().map(ListenAddr::Tcp).collect();
-            self.listen
-                .extend(cli.unix.into_iter().map(ListenAddr::Unix));
-        }
-        if let Some(text) = &cli.max_memory {
-            self.memory.max_memory = Some(parse_size(text, "--max-memory")?);
-        }
-        self.memory.mlock |= cli.mlock;
-        self.memory.hugepages |= cli.hugepages;
-        if let Some(level) = cli.log_level {
-            check_log_level(&level).map_err(|reason| ConfigError::Flag {
-                flag: "--log-level",
-                value: level.clone(),
-                reason,
-            })?;
-            self.log_level = Some(level);
-        }
-        if let Some(text) = &cli.shutdown_grace {
-            self.shutdown_grace = parse_duration(text).map_err(|reason| ConfigError::Flag {
-                flag: "--shutdown-grace",
-                value: text.clone(),
-                reason,
-            })?;
-        }
-        if let Some(addr) = cli.metrics {
-            file::check_host_port(&addr).map_err(|reason| ConfigError::Flag {
-                flag: "--metrics",
-                value: addr.clone(),
-                reason,
-            })?;
-            self.metrics = Some(addr);
-        }
-        if let Some(metrics) = &self.metrics {
-            let clash = self.listen.iter().find_map(|l| match l {
-                ListenAddr::Tcp(addr) if file::tcp_collide(addr, metrics) => Some(addr),
-                _ => None,
-            });
-            if let Some(addr) = clash {
-                return Err(ConfigError::Flag {
-                    flag: "--metrics",
-                    value: metrics.clone(),
-                    reason: format!(
-                        "collides with the NBD listener {addr:?}; give metrics its own port"
-                    ),
-                });
+            (at, _) => {
+                let fix = "give metrics a port of its own, such as \"127.0.0.1:9109\"";
+                at.error(metrics, &subject, &problem, fix)
             }
-        }
-        Ok(self)
+        })
+    }
+
+    /// Replaces the exports, each with where it was given.
+    fn set_exports(&mut self, exports: impl IntoIterator<Item = (ExportConfig, Origin)>) {
+        (self.exports, self.origins.exports) = exports.into_iter().unzip();
+    }
+
+    /// Replaces the listeners, each with where it was given; `section` gave them as a whole.
+    fn set_listen(
+        &mut self,
+        listen: impl IntoIterator<Item = (ListenAddr, Origin)>,
+        section: Origin,
+    ) {
+        (self.listen, self.origins.listen) = listen.into_iter().unzip();
+        self.origins.listen_section = section;
+    }
+
+    fn set_metrics(&mut self, addr: String, origin: Origin) {
+        self.metrics = Some(addr);
+        self.origins.metrics = origin;
     }
 
     /// One line for logs and `--check-config`: the exports with their sizes.
@@ -280,123 +415,6 @@ impl Config {
             .collect::<Vec<_>>()
             .join(", ")
     }
-}
-
-/// The command line alone, over the built-in defaults (no configuration file).
-impl TryFrom<Cli> for Config {
-    type Error = ConfigError;
-
-    fn try_from(cli: Cli) -> Result<Self, ConfigError> {
-        Config::builtin().apply_cli(cli)
-    }
-}
-
-/// `1 GiB`, `512 MiB`, `1000 B`: the largest binary unit that divides the size exactly.
-pub fn format_size(size: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut value = size;
-    let mut unit = 0;
-    while value >= 1024 && value.is_multiple_of(1024) && unit + 1 < UNITS.len() {
-        value /= 1024;
-        unit += 1;
-    }
-    format!("{value} {}", UNITS[unit])
-}
-
-/// Parses a duration: "10s", "500ms", "2m", "1.5s", or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| "expected a number with a unit: ms, s or m".to_owned())?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        other => return Err(format!("unknown unit {other:?}; use ms, s or m")),
-    };
-    Duration::try_from_secs_f64(number * scale)
-        .ok()
-        .filter(|d| *d <= Duration::from_secs(24 * 3600))
-        .ok_or_else(|| "out of range (at most a day)".to_owned())
-}
-
-/// Checks a log level or `RUST_LOG`-style filter.
-pub fn check_log_level(level: &str) -> Result<(), String> {
-    tracing_subscriber::EnvFilter::try_new(level)
-        .map(drop)
-        .map_err(|err| format!("not a log level or filter: {err}"))
-}
-
-/// Parses a size with binary units ("4G" = 4 GiB). Zero is refused: an export needs bytes.
-pub fn parse_size(text: &str, what: &str) -> Result<u64, ConfigError> {
-    let err = |reason: String| ConfigError::Size {
-        what: what.to_owned(),
-        value: text.to_owned(),
-        reason,
-    };
-    let size = parse_size::Config::new()
-        .with_binary()
-        .parse_size(text.trim())
-        .map_err(|e| err(e.to_string()))?;
-    if size == 0 {
-        return Err(err("size must be greater than zero".to_owned()));
-    }
-    if usize::try_from(size).is_err() || size > i64::MAX as u64 {
-        return Err(err("larger than this machine can address".to_owned()));
-    }
-    Ok(size)
-}
-
-/// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT]`.
-pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
-    let bad = |reason: &str| ConfigError::ExportSpec {
-        spec: spec.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let (name, rest) = spec
-        .split_once('=')
-        .ok_or_else(|| bad("missing '=' after the name"))?;
-    if name.len() > crate::proto::consts::MAX_STRING {
-        return Err(bad("names are at most 4096 bytes"));
-    }
-    // The description may contain commas, so it ends the spec.
-    let (options, description) = match rest.find(",description=") {
-        Some(at) => (&rest[..at], rest[at + ",description=".len()..].to_owned()),
-        None => (rest, String::new()),
-    };
-    let mut parts = options.split(',');
-    let size_text = parts.next().unwrap_or_default();
-    if size_text.is_empty() {
-        return Err(bad("missing size"));
-    }
-    let size = parse_size(size_text, &format!("export {name:?}"))?;
-    let mut read_only = false;
-    let mut max_memory = None;
-    for option in parts {
-        match option.split_once('=') {
-            None if option == "ro" => read_only = true,
-            None if option == "rw" => read_only = false,
-            Some(("max-memory", value)) => {
-                max_memory = Some(parse_size(
-                    value,
-                    &format!("max-memory of export {name:?}"),
-                )?);
-            }
-            _ => return Err(bad(&format!("unknown option {option:?}"))),
-        }
-    }
-    Ok(ExportConfig {
-        name: name.to_owned(),
-        size,
-        read_only,
-        description,
-        max_memory,
-    })
 }
 
 #[cfg(test)]

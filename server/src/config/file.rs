@@ -1,169 +1,51 @@
 //! The TOML configuration file (`config/ramnbd.toml` is the commented example).
 //!
-//! The file is deserialized with serde (`deny_unknown_fields` everywhere), keeping the source
-//! span of every value that is checked after parsing, so that every error names the file, the
-//! line, the key (as a path such as `export[1].size`) and how to fix it. Errors from serde
-//! itself carry a span too; the key path is then found by walking a spanned parse of the same
-//! text ([`toml::de::DeTable`]).
+//! toml parses the file into a spanned document ([`DeTable`]), which is converted here key by
+//! key against the key lists below: unknown keys, wrong types and bad values are found by this
+//! module, so every message and fix is its own, and the file, line, column and key path (such
+//! as `export[1].size`) come from toml's spans. Nothing depends on how toml or serde word their
+//! errors; only a syntax error shows toml's message as it is.
 //!
-//! The result is a [`Config`](super::Config) with the built-in defaults for everything the file
-//! leaves out; command-line flags are applied on top of it by the caller.
+//! The result is the built-in defaults with the file's values over them. Each value that
+//! [`Config::validate`] checks keeps its place in the file as its [`Origin`].
 
-use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::{
-    Config, ConfigError, ExportConfig, FileError, ListenAddr, MemoryConfig, parse_duration,
-    parse_size,
-};
+use super::value::{self, HOST_PORT_FIX, check_host_port, check_log_level, parse_duration};
+use super::{Config, ConfigError, ExportConfig, FileError, ListenAddr, Origin};
 
 /// Where the service looks when `--config` is not given (used only if it exists).
 pub const DEFAULT_PATH: &str = "/etc/ramnbd/ramnbd.toml";
 
-/// Separates an error message from its fix inside serde custom errors.
-const FIX: &str = "\nfix: ";
+// The keys each table allows, in the order that errors list them.
+const SECTIONS: &[&str] = &["listen", "export", "memory", "logging", "metrics", "server"];
+const LISTEN_KEYS: &[&str] = &["tcp", "unix"];
+const EXPORT_KEYS: &[&str] = &["name", "size", "read-only", "description", "max-memory"];
+const MEMORY_KEYS: &[&str] = &["max-memory", "mlock", "hugepages"];
+const LOGGING_KEYS: &[&str] = &["level"];
+const METRICS_KEYS: &[&str] = &["listen"];
+const SERVER_KEYS: &[&str] = &["max-connections", "shutdown-grace"];
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    listen: Option<ListenSection>,
-    #[serde(rename = "export")]
-    exports: Vec<ExportSection>,
-    memory: MemorySection,
-    logging: LoggingSection,
-    metrics: MetricsSection,
-    server: ServerSection,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct ListenSection {
-    tcp: Vec<Spanned<String>>,
-    unix: Vec<Spanned<PathBuf>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct ExportSection {
-    name: Spanned<String>,
-    size: Size,
-    #[serde(default)]
-    read_only: bool,
-    #[serde(default)]
-    description: String,
-    #[serde(default)]
-    max_memory: Option<Size>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-struct MemorySection {
-    max_memory: Option<Size>,
-    mlock: bool,
-    hugepages: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct LoggingSection {
-    level: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct MetricsSection {
-    listen: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-struct ServerSection {
-    max_connections: Option<Spanned<usize>>,
-    shutdown_grace: Option<GraceTime>,
-}
-
-/// A size: a whole number of bytes, or a string with binary units ("512M", "4G").
-#[derive(Debug, Clone, Copy)]
-struct Size(u64);
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct SizeVisitor;
-        const HINT: &str = "write a size with binary units in quotes, such as \"512M\", \"4G\" \
-                            or \"1T\", or a whole number of bytes";
-        impl Visitor<'_> for SizeVisitor {
-            type Value = Size;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a size such as \"4G\" or a number of bytes")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
-                match u64::try_from(v) {
-                    Ok(v) => self.visit_u64(v),
-                    Err(_) => Err(E::custom(format!("bad size {v}: negative{FIX}{HINT}"))),
-                }
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Size, E> {
-                Err(E::custom(format!(
-                    "bad size {v}: not a whole number{FIX}{HINT}"
-                )))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
-                match parse_size(v, "size") {
-                    Ok(size) => Ok(Size(size)),
-                    Err(ConfigError::Size { reason, .. }) => {
-                        Err(E::custom(format!("bad size {v:?}: {reason}{FIX}{HINT}")))
-                    }
-                    Err(other) => Err(E::custom(other)),
-                }
-            }
-        }
-        deserializer.deserialize_any(SizeVisitor)
-    }
-}
-
-/// A duration: "10s", "500ms", "2m", or a number of seconds.
-#[derive(Debug, Clone, Copy)]
-struct GraceTime(Duration);
-
-impl<'de> Deserialize<'de> for GraceTime {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DurationVisitor;
-        const HINT: &str = "write a duration such as \"10s\", \"500ms\" or \"2m\", or a number \
-                            of seconds";
-        impl Visitor<'_> for DurationVisitor {
-            type Value = GraceTime;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a duration such as \"10s\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<GraceTime, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<GraceTime, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<GraceTime, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<GraceTime, E> {
-                parse_duration(v)
-                    .map(GraceTime)
-                    .map_err(|reason| E::custom(format!("bad duration {v:?}: {reason}{FIX}{HINT}")))
-            }
-        }
-        deserializer.deserialize_any(DurationVisitor)
-    }
-}
+const SYNTAX_FIX: &str = "fix the TOML syntax there: strings need double quotes, tables are \
+                          written [name] and export tables [[export]]";
+const UNKNOWN_FIX: &str = "remove the key or correct its spelling (the keys allowed here are \
+                           listed above); config/ramnbd.toml documents every key";
+const TYPE_FIX: &str = "give the value the type named above: text in double quotes, \
+                        true/false, a number, or a list in [ ]";
+/// Only exports have keys that must be given.
+const MISSING_FIX: &str =
+    "add the key: every [[export]] needs a name (\"\" is the default export) and a size";
+const SIZE_FIX: &str = "write a size with binary units in quotes, such as \"512M\", \"4G\" or \
+                        \"1T\", or a whole number of bytes";
+const DURATION_FIX: &str = "write a duration such as \"10s\", \"500ms\" or \"1m30s\", or a \
+                            number of seconds";
+const LOG_FIX: &str = "use error, warn, info, debug or trace, or a RUST_LOG-style filter such \
+                       as \"info,ramnbd=debug\"";
 
 /// Reads and validates `path`. The result has the built-in defaults for everything the file
 /// does not set.
@@ -178,684 +60,324 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates `text`, the contents of `path` (used in messages only).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let source = Source { path, text };
-    // A spanned parse first: it reports syntax errors, and maps later errors to key paths.
-    let doc = DeTable::parse(text).map_err(|err| source.toml_error(None, &err))?;
-    let file: FileConfig =
-        toml::from_str(text).map_err(|err| source.toml_error(Some(doc.get_ref()), &err))?;
-    source.convert(file)
+    let doc = DeTable::parse(text).map_err(|err| {
+        let span = err.span().unwrap_or(0..0);
+        source.error(span, "(syntax)", err.message().trim_end(), SYNTAX_FIX)
+    })?;
+    let doc = DeValue::Table(doc.into_inner());
+    let root = Item {
+        source,
+        key: String::new(),
+        span: 0..0,
+        value: &doc,
+    };
+    let root = root.table(SECTIONS)?;
+    let mut config = Config::builtin();
+    config.source = Some(path.to_owned());
+
+    if let Some(listen) = root.get("listen") {
+        let section = listen.table(LISTEN_KEYS)?;
+        let mut listeners = Vec::new();
+        for addr in section.array("tcp")? {
+            let text = addr.string()?;
+            check_host_port(text).map_err(|reason| addr.error(&reason, HOST_PORT_FIX))?;
+            listeners.push((ListenAddr::Tcp(text.to_owned()), addr.origin()));
+        }
+        for path in section.array("unix")? {
+            listeners.push((ListenAddr::Unix(path.string()?.into()), path.origin()));
+        }
+        config.set_listen(listeners, listen.origin());
+    }
+
+    if let Some(exports) = root.get("export") {
+        if let DeValue::Table(_) = exports.value {
+            let message = "a single [export] table: exports are a list of [[export]] tables";
+            return Err(exports.error(message, "write [[export]], in double brackets"));
+        }
+        let exports = exports.array()?;
+        let exports = exports.iter().map(export).collect::<Result<Vec<_>, _>>()?;
+        // An empty list keeps the default export, as leaving the key out does.
+        if !exports.is_empty() {
+            config.set_exports(exports);
+        }
+    }
+
+    if let Some(memory) = root.get("memory") {
+        let memory = memory.table(MEMORY_KEYS)?;
+        config.memory.max_memory = memory.optional("max-memory", Item::size)?;
+        config.memory.mlock = memory.optional("mlock", Item::boolean)?.unwrap_or(false);
+        config.memory.hugepages = memory
+            .optional("hugepages", Item::boolean)?
+            .unwrap_or(false);
+    }
+
+    if let Some(logging) = root.get("logging")
+        && let Some(level) = logging.table(LOGGING_KEYS)?.get("level")
+    {
+        let text = level.string()?;
+        check_log_level(text).map_err(|reason| level.error(&reason, LOG_FIX))?;
+        config.log_level = Some(text.to_owned());
+    }
+
+    if let Some(metrics) = root.get("metrics")
+        && let Some(addr) = metrics.table(METRICS_KEYS)?.get("listen")
+    {
+        let text = addr.string()?;
+        check_host_port(text).map_err(|reason| addr.error(&reason, HOST_PORT_FIX))?;
+        config.set_metrics(text.to_owned(), addr.origin());
+    }
+
+    if let Some(server) = root.get("server") {
+        let server = server.table(SERVER_KEYS)?;
+        if let Some(max) = server.optional("max-connections", Item::count)? {
+            config.max_connections = max;
+        }
+        if let Some(grace) = server.optional("shutdown-grace", Item::duration)? {
+            config.shutdown_grace = grace;
+        }
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// One `[[export]]` table, with the place of its name (what validation checks).
+fn export(item: &Item<'_>) -> Result<(ExportConfig, Origin), ConfigError> {
+    let table = item.table(EXPORT_KEYS)?;
+    let name = table.require("name")?;
+    let export = ExportConfig {
+        name: name.string()?.to_owned(),
+        size: table.require("size")?.size()?,
+        read_only: table.optional("read-only", Item::boolean)?.unwrap_or(false),
+        description: table
+            .optional("description", Item::string)?
+            .unwrap_or("")
+            .to_owned(),
+        max_memory: table.optional("max-memory", Item::size)?,
+    };
+    Ok((export, name.origin()))
 }
 
 /// The file's name and text, for error messages.
+#[derive(Clone, Copy)]
 struct Source<'a> {
     path: &'a Path,
     text: &'a str,
 }
 
 impl Source<'_> {
-    /// 1-based line and column of a byte offset.
-    fn position(&self, offset: usize) -> (usize, usize) {
-        let before = &self.text[..offset.min(self.text.len())];
+    /// Where `span` starts, as an error still without its message and fix.
+    fn place(&self, span: Range<usize>, key: &str) -> FileError {
+        let before = self.text.get(..span.start).unwrap_or(self.text);
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-        (line, column)
-    }
-
-    fn error(&self, span: Range<usize>, key: &str, message: &str, fix: &str) -> ConfigError {
-        let (line, column) = self.position(span.start);
-        let excerpt = self.text.lines().nth(line - 1).unwrap_or("").to_owned();
-        ConfigError::File(Box::new(FileError {
+        FileError {
             path: self.path.to_owned(),
             line,
             column,
             key: key.to_owned(),
+            message: String::new(),
+            excerpt: self.text.lines().nth(line - 1).unwrap_or("").to_owned(),
+            fix: String::new(),
+        }
+    }
+
+    fn error(&self, span: Range<usize>, key: &str, message: &str, fix: &str) -> ConfigError {
+        ConfigError::File(Box::new(FileError {
             message: message.to_owned(),
-            excerpt,
             fix: fix.to_owned(),
+            ..self.place(span, key)
         }))
     }
+}
 
-    /// Turns a toml/serde error into one that names the line and the key.
-    fn toml_error(&self, doc: Option<&DeTable<'_>>, err: &toml::de::Error) -> ConfigError {
-        let raw = err.message().trim_end();
-        let (message, fix) = match raw.split_once(FIX) {
-            Some((message, fix)) => (message.to_owned(), fix.to_owned()),
-            None => (raw.to_owned(), fix_for(raw, doc.is_none())),
+/// `name` under the key path `parent`.
+fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{parent}.{name}")
+    }
+}
+
+/// A table of the file whose keys are all known: [`Item::table`].
+struct Table<'a> {
+    at: Item<'a>,
+    entries: &'a DeTable<'a>,
+}
+
+impl<'a> Table<'a> {
+    fn get(&self, name: &str) -> Option<Item<'a>> {
+        let value = self.entries.get(name)?;
+        Some(self.at.child(join(&self.at.key, name), value))
+    }
+
+    /// A key that must be given; a missing one is reported at the table's header.
+    fn require(&self, name: &str) -> Result<Item<'a>, ConfigError> {
+        self.get(name).ok_or_else(|| {
+            let message = format!("missing field `{name}`");
+            let key = join(&self.at.key, name);
+            self.at
+                .source
+                .error(self.at.span.clone(), &key, &message, MISSING_FIX)
+        })
+    }
+
+    fn optional<T>(
+        &self,
+        name: &str,
+        convert: impl FnOnce(&Item<'a>) -> Result<T, ConfigError>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.get(name).map(|item| convert(&item)).transpose()
+    }
+
+    /// The items of the array `name`; none when it is not given.
+    fn array(&self, name: &str) -> Result<Vec<Item<'a>>, ConfigError> {
+        Ok(self.optional(name, Item::array)?.unwrap_or_default())
+    }
+}
+
+/// A value of the file, with its key path (`export[1].size`) and span.
+#[derive(Clone)]
+struct Item<'a> {
+    source: Source<'a>,
+    key: String,
+    span: Range<usize>,
+    value: &'a DeValue<'a>,
+}
+
+impl<'a> Item<'a> {
+    fn child(&self, key: String, value: &'a Spanned<DeValue<'a>>) -> Item<'a> {
+        Item {
+            source: self.source,
+            key,
+            span: value.span(),
+            value: value.get_ref(),
+        }
+    }
+
+    fn error(&self, message: &str, fix: &str) -> ConfigError {
+        self.source
+            .error(self.span.clone(), &self.key, message, fix)
+    }
+
+    /// Where this value is, for errors found when the whole configuration is validated.
+    fn origin(&self) -> Origin {
+        Origin::File(Box::new(self.source.place(self.span.clone(), &self.key)))
+    }
+
+    /// Refuses a value of the wrong type, in the words serde uses, which operators may know.
+    fn wrong_type(&self, expected: &str) -> ConfigError {
+        let found = match self.value {
+            DeValue::String(s) => format!("string {s:?}"),
+            DeValue::Integer(i) => format!("integer `{i}`"),
+            DeValue::Float(f) => format!("floating point `{f}`"),
+            DeValue::Boolean(b) => format!("boolean `{b}`"),
+            DeValue::Datetime(d) => format!("datetime `{d}`"),
+            DeValue::Array(_) => "array".to_owned(),
+            DeValue::Table(_) => "table".to_owned(),
         };
-        let span = err.span().unwrap_or(0..0);
-        let mut key = doc
-            .and_then(|doc| key_at(doc, span.start))
-            .unwrap_or_default();
-        // An error about a whole `[[name]]` table points at its header: number it.
-        let spanned = self.text.get(span.clone()).unwrap_or("");
-        if let Some(name) = spanned
-            .strip_prefix("[[")
-            .and_then(|s| s.strip_suffix("]]"))
-        {
-            let index = self.text[..span.start].matches(spanned).count();
-            key = format!("{}[{index}]", name.trim());
-        }
-        // A missing key has no span of its own: name it after its table.
-        if let Some(field) = between(&message, "missing field `", "`") {
-            if !key.is_empty() {
-                key.push('.');
-            }
-            key.push_str(field);
-        }
-        if key.is_empty() {
-            key = "(syntax)".to_owned();
-        }
-        self.error(span, &key, &message, &fix)
+        self.error(
+            &format!("invalid type: {found}, expected {expected}"),
+            TYPE_FIX,
+        )
     }
 
-    fn convert(&self, file: FileConfig) -> Result<Config, ConfigError> {
-        let mut config = Config::builtin();
-
-        if !file.exports.is_empty() {
-            config.exports.clear();
+    fn string(&self) -> Result<&'a str, ConfigError> {
+        match self.value {
+            DeValue::String(s) => Ok(s),
+            _ => Err(self.wrong_type("a string")),
         }
-        for (i, export) in file.exports.iter().enumerate() {
-            let name = export.name.get_ref();
-            let key = format!("export[{i}].name");
-            if name.len() > crate::proto::consts::MAX_STRING {
-                return Err(self.error(
-                    export.name.span(),
-                    &key,
-                    "export names are at most 4096 bytes",
-                    "use a shorter name",
-                ));
-            }
-            if let Some(first) = file.exports[..i].iter().find(|e| e.name.get_ref() == name) {
-                let (first_line, _) = self.position(first.name.span().start);
-                return Err(self.error(
-                    export.name.span(),
-                    &key,
-                    &format!("export name {name:?} is used twice (first at line {first_line})"),
-                    "give every [[export]] its own name (\"\" is the default export)",
-                ));
-            }
-            config.exports.push(ExportConfig {
-                name: name.clone(),
-                size: export.size.0,
-                read_only: export.read_only,
-                description: export.description.clone(),
-                max_memory: export.max_memory.map(|s| s.0),
-            });
-        }
+    }
 
-        if let Some(listen) = &file.listen {
-            config.listen.clear();
-            for (i, addr) in listen.tcp.iter().enumerate() {
-                let key = format!("listen.tcp[{i}]");
-                check_host_port(addr.get_ref())
-                    .map_err(|reason| self.error(addr.span(), &key, &reason, HOST_PORT_FIX))?;
-                if let Some(first) = listen.tcp[..i]
-                    .iter()
-                    .find(|a| tcp_collide(a.get_ref(), addr.get_ref()))
-                {
-                    let (first_line, _) = self.position(first.span().start);
-                    return Err(self.error(
-                        addr.span(),
-                        &key,
-                        &format!(
-                            "{:?} collides with {:?} (line {first_line}): both cannot be bound",
-                            addr.get_ref(),
-                            first.get_ref()
-                        ),
-                        "listen on each address and port once; 0.0.0.0 and [::] already \
-                         cover every address of their port",
-                    ));
-                }
-                config.listen.push(ListenAddr::Tcp(addr.get_ref().clone()));
-            }
-            for (i, path) in listen.unix.iter().enumerate() {
-                let key = format!("listen.unix[{i}]");
-                if path.get_ref().as_os_str().is_empty() {
-                    return Err(self.error(
-                        path.span(),
-                        &key,
-                        "empty socket path",
-                        "give the socket's path, such as \"/run/ramnbd/ramnbd.sock\"",
-                    ));
-                }
-                if let Some(first) = listen.unix[..i]
-                    .iter()
-                    .find(|p| p.get_ref() == path.get_ref())
-                {
-                    let (first_line, _) = self.position(first.span().start);
-                    return Err(self.error(
-                        path.span(),
-                        &key,
-                        &format!(
-                            "socket {} is listed twice (first at line {first_line})",
-                            path.get_ref().display()
-                        ),
-                        "list each Unix socket path once",
-                    ));
-                }
-                config.listen.push(ListenAddr::Unix(path.get_ref().clone()));
-            }
-            if config.listen.is_empty() {
-                return Err(self.error(
-                    self.section_span("listen"),
-                    "listen",
-                    "[listen] has no tcp or unix entries, so there is nowhere to serve",
-                    "add tcp = [\"127.0.0.1:10809\"] or unix = [\"/run/ramnbd/ramnbd.sock\"], \
-                     or remove [listen] for the default 127.0.0.1:10809",
-                ));
-            }
+    fn boolean(&self) -> Result<bool, ConfigError> {
+        match self.value {
+            DeValue::Boolean(b) => Ok(*b),
+            _ => Err(self.wrong_type("a boolean")),
         }
+    }
 
-        config.memory = MemoryConfig {
-            max_memory: file.memory.max_memory.map(|s| s.0),
-            mlock: file.memory.mlock,
-            hugepages: file.memory.hugepages,
+    /// An integer's value, `None` for other types. One outside i64, which TOML does not allow
+    /// but toml parses, is refused.
+    fn integer(&self, fix: &str) -> Result<Option<i64>, ConfigError> {
+        let DeValue::Integer(i) = self.value else {
+            return Ok(None);
         };
+        let value = i64::from_str_radix(i.as_str(), i.radix());
+        value
+            .map(Some)
+            .map_err(|_| self.error(&format!("{i} is out of range"), fix))
+    }
 
-        if let Some(level) = &file.logging.level {
-            super::check_log_level(level.get_ref()).map_err(|reason| {
-                self.error(
-                    level.span(),
-                    "logging.level",
-                    &reason,
-                    "use error, warn, info, debug or trace, or a RUST_LOG-style filter such \
-                     as \"info,ramnbd=debug\"",
-                )
-            })?;
-            config.log_level = Some(level.get_ref().clone());
+    fn array(&self) -> Result<Vec<Item<'a>>, ConfigError> {
+        let DeValue::Array(items) = self.value else {
+            return Err(self.wrong_type("an array"));
+        };
+        let item = |(i, value)| self.child(format!("{}[{i}]", self.key), value);
+        Ok(items.iter().enumerate().map(item).collect())
+    }
+
+    /// This table, refused at the first key in the file (not in toml's order) that `allowed`
+    /// does not list.
+    fn table(&self, allowed: &[&str]) -> Result<Table<'a>, ConfigError> {
+        let DeValue::Table(entries) = self.value else {
+            return Err(self.wrong_type("a table"));
+        };
+        let unknown = entries
+            .keys()
+            .filter(|k| !allowed.contains(&k.get_ref().as_ref()));
+        if let Some(first) = unknown.min_by_key(|k| k.span().start) {
+            let names: Vec<String> = allowed.iter().map(|k| format!("`{k}`")).collect();
+            let expected = match names.as_slice() {
+                [one] => format!("expected {one}"),
+                _ => format!("expected one of {}", names.join(", ")),
+            };
+            let message = format!("unknown field `{}`, {expected}", first.get_ref());
+            let key = join(&self.key, first.get_ref());
+            return Err(self.source.error(first.span(), &key, &message, UNKNOWN_FIX));
         }
+        let at = self.clone();
+        Ok(Table { at, entries })
+    }
 
-        if let Some(metrics) = &file.metrics.listen {
-            check_host_port(metrics.get_ref()).map_err(|reason| {
-                self.error(metrics.span(), "metrics.listen", &reason, HOST_PORT_FIX)
-            })?;
-            let nbd = config.listen.iter().find_map(|l| match l {
-                ListenAddr::Tcp(addr) if tcp_collide(addr, metrics.get_ref()) => Some(addr),
-                _ => None,
-            });
-            if let Some(nbd) = nbd {
-                return Err(self.error(
-                    metrics.span(),
-                    "metrics.listen",
-                    &format!(
-                        "the metrics address {:?} collides with the NBD listener {nbd:?}",
-                        metrics.get_ref()
-                    ),
-                    "give metrics a port of its own, such as \"127.0.0.1:9109\"",
-                ));
+    /// A size: a string with binary units ("512M", "4G") or a whole number of bytes.
+    fn size(&self) -> Result<u64, ConfigError> {
+        let bad = |shown: String, reason: &str| {
+            self.error(&format!("bad size {shown}: {reason}"), SIZE_FIX)
+        };
+        let text = match (self.value, self.integer(SIZE_FIX)?) {
+            (DeValue::String(s), _) => s.to_string(),
+            (_, Some(n)) if n < 0 => return Err(bad(n.to_string(), "negative")),
+            (_, Some(n)) => n.to_string(),
+            (DeValue::Float(f), _) => return Err(bad(f.to_string(), "not a whole number")),
+            _ => return Err(self.wrong_type("a size such as \"4G\" or a number of bytes")),
+        };
+        value::size(&text).map_err(|reason| bad(format!("{text:?}"), &reason))
+    }
+
+    /// A duration: "10s", "500ms", "1m30s", or a number of seconds.
+    fn duration(&self) -> Result<Duration, ConfigError> {
+        let text = match (self.value, self.integer(DURATION_FIX)?) {
+            (DeValue::String(s), _) => s.to_string(),
+            (_, Some(n)) => n.to_string(),
+            (DeValue::Float(f), _) => f.to_string(),
+            _ => return Err(self.wrong_type("a duration such as \"10s\"")),
+        };
+        parse_duration(&text)
+            .map_err(|reason| self.error(&format!("bad duration {text:?}: {reason}"), DURATION_FIX))
+    }
+
+    /// A whole number of at least 1.
+    fn count(&self) -> Result<usize, ConfigError> {
+        let fix = "set a positive number of connections, such as 1024";
+        match self.integer(fix)? {
+            None => Err(self.wrong_type("a whole number")),
+            Some(n) if n < 1 => Err(self.error("must be at least 1", fix)),
+            Some(n) => {
+                usize::try_from(n).map_err(|_| self.error(&format!("{n} is out of range"), fix))
             }
-            config.metrics = Some(metrics.get_ref().clone());
-        }
-
-        if let Some(max) = &file.server.max_connections {
-            if *max.get_ref() == 0 {
-                return Err(self.error(
-                    max.span(),
-                    "server.max-connections",
-                    "must be at least 1",
-                    "set a positive number of connections, such as 1024",
-                ));
-            }
-            config.max_connections = *max.get_ref();
-        }
-        if let Some(grace) = file.server.shutdown_grace {
-            config.shutdown_grace = grace.0;
-        }
-        config.source = Some(self.path.to_owned());
-        Ok(config)
-    }
-
-    /// The span of a `[name]` table header, for errors about a whole section.
-    fn section_span(&self, name: &str) -> Range<usize> {
-        let header = format!("[{name}]");
-        match self.text.find(&header) {
-            Some(at) => at..at + header.len(),
-            None => 0..0,
         }
     }
-}
-
-const HOST_PORT_FIX: &str = "write HOST:PORT in quotes, such as \"127.0.0.1:10809\", \
-                             \"[::1]:10809\" or \"0.0.0.0:10809\"";
-
-/// Checks the shape of `HOST:PORT` (the host is resolved only when binding).
-pub(super) fn check_host_port(text: &str) -> Result<(), String> {
-    let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("{text:?} has no port"));
-    };
-    if host.is_empty() {
-        return Err(format!("{text:?} has no host"));
-    }
-    if port.parse::<u16>().is_err() {
-        return Err(format!(
-            "{text:?}: port {port:?} is not a number from 0 to 65535"
-        ));
-    }
-    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return Err(format!("{text:?}: an IPv6 host must be in brackets"));
-    }
-    Ok(())
-}
-
-/// Whether two TCP listeners would fight over one port: the same port (not 0) and the same
-/// address, or a wildcard that covers the other (`[::]` is dual-stack on Linux by default).
-/// Host names are compared as text; they are resolved only when binding.
-pub(super) fn tcp_collide(a: &str, b: &str) -> bool {
-    if a == b && !a.ends_with(":0") {
-        return true;
-    }
-    let (Ok(a), Ok(b)) = (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) else {
-        return false;
-    };
-    if a.port() != b.port() || a.port() == 0 {
-        return false;
-    }
-    let covers =
-        |wild: IpAddr, other: IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
-    a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip())
-}
-
-/// A fix for toml's and serde's own messages.
-fn fix_for(message: &str, syntax: bool) -> String {
-    if syntax {
-        return "fix the TOML syntax there: strings need double quotes, tables are written \
-                [name] and export tables [[export]]"
-            .to_owned();
-    }
-    if message.starts_with("unknown field") {
-        return "remove the key or correct its spelling (the keys allowed here are listed \
-                above); config/ramnbd.toml documents every key"
-            .to_owned();
-    }
-    if message.starts_with("missing field") {
-        return "add the key: every [[export]] needs a name (\"\" is the default export) and \
-                a size"
-            .to_owned();
-    }
-    if message.starts_with("invalid type") {
-        return "give the value the type named above: text in double quotes, true/false, a \
-                number, or a list in [ ]"
-            .to_owned();
-    }
-    "see config/ramnbd.toml for the keys and values allowed".to_owned()
-}
-
-fn between<'t>(text: &'t str, start: &str, end: &str) -> Option<&'t str> {
-    let rest = &text[text.find(start)? + start.len()..];
-    Some(&rest[..rest.find(end)?])
-}
-
-/// The dotted path (`export[1].size`) of the key or value that contains byte `offset`.
-fn key_at(doc: &DeTable<'_>, offset: usize) -> Option<String> {
-    fn in_table(table: &DeTable<'_>, offset: usize, path: &mut String) -> bool {
-        for (key, value) in table {
-            let len = path.len();
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(key.get_ref());
-            if in_value(value, offset, path) || key.span().contains(&offset) {
-                return true;
-            }
-            path.truncate(len);
-        }
-        false
-    }
-    fn in_value(value: &Spanned<DeValue<'_>>, offset: usize, path: &mut String) -> bool {
-        match value.get_ref() {
-            DeValue::Table(table) => in_table(table, offset, path),
-            DeValue::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let len = path.len();
-                    let _ = write!(path, "[{i}]");
-                    if in_value(item, offset, path) {
-                        return true;
-                    }
-                    path.truncate(len);
-                }
-                value.span().contains(&offset)
-            }
-            _ => value.span().contains(&offset),
-        }
-    }
-    let mut path = String::new();
-    in_table(doc, offset, &mut path).then_some(path)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse_str(text: &str) -> Result<Config, ConfigError> {
-        parse(Path::new("/etc/ramnbd/test.toml"), text)
-    }
-
-    fn error(text: &str) -> String {
-        parse_str(text).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn a_full_file() {
-        let c = parse_str(
-            r#"
-[listen]
-tcp = ["127.0.0.1:10809", "[::1]:10809"]
-unix = ["/run/ramnbd/ramnbd.sock"]
-
-[[export]]
-name = "scratch"
-size = "16G"
-description = "scratch space"
-max-memory = "8G"
-
-[[export]]
-name = "iso"
-size = 4194304
-read-only = true
-
-[memory]
-max-memory = "20G"
-mlock = true
-hugepages = true
-
-[logging]
-level = "debug"
-
-[metrics]
-listen = "127.0.0.1:9109"
-
-[server]
-max-connections = 64
-shutdown-grace = "2500ms"
-"#,
-        )
-        .unwrap();
-        assert_eq!(c.exports.len(), 2);
-        assert_eq!(c.exports[0].size, 16 << 30);
-        assert_eq!(c.exports[0].max_memory, Some(8 << 30));
-        assert_eq!(c.exports[0].description, "scratch space");
-        assert_eq!(c.exports[1].size, 4 << 20);
-        assert!(c.exports[1].read_only);
-        assert_eq!(
-            c.listen,
-            vec![
-                ListenAddr::Tcp("127.0.0.1:10809".into()),
-                ListenAddr::Tcp("[::1]:10809".into()),
-                ListenAddr::Unix("/run/ramnbd/ramnbd.sock".into()),
-            ]
-        );
-        assert_eq!(
-            c.memory,
-            MemoryConfig {
-                max_memory: Some(20 << 30),
-                mlock: true,
-                hugepages: true
-            }
-        );
-        assert_eq!(c.log_level.as_deref(), Some("debug"));
-        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9109"));
-        assert_eq!(c.max_connections, 64);
-        assert_eq!(c.shutdown_grace, Duration::from_millis(2500));
-    }
-
-    #[test]
-    fn an_empty_file_is_the_builtin_default() {
-        let c = parse_str("# nothing\n").unwrap();
-        let d = Config::builtin();
-        assert_eq!(c.exports, d.exports);
-        assert_eq!(c.listen, d.listen);
-        assert_eq!(c.shutdown_grace, d.shutdown_grace);
-    }
-
-    #[test]
-    fn unknown_keys_name_the_line_the_key_and_the_allowed_ones() {
-        let e = error("[[export]]\nname = \"a\"\nsize = \"1G\"\nsise = \"2G\"\n");
-        assert!(
-            e.starts_with("/etc/ramnbd/test.toml:4:1: export[0].sise: unknown field `sise`"),
-            "{e}"
-        );
-        assert!(e.contains("`max-memory`"), "{e}");
-        assert!(
-            e.contains("fix: remove the key or correct its spelling"),
-            "{e}"
-        );
-        assert!(e.contains("4 | sise = \"2G\""), "{e}");
-
-        let e = error("[memmory]\nmlock = true\n");
-        assert!(
-            e.starts_with("/etc/ramnbd/test.toml:1:2: memmory: unknown field `memmory`"),
-            "{e}"
-        );
-        let e = error("[server]\ngrace = 3\n");
-        assert!(e.contains(":2:1: server.grace: unknown field"), "{e}");
-    }
-
-    #[test]
-    fn bad_sizes() {
-        let e = error("[[export]]\nname = \"a\"\nsize = \"12Q\"\n");
-        assert!(
-            e.starts_with("/etc/ramnbd/test.toml:3:8: export[0].size: bad size \"12Q\""),
-            "{e}"
-        );
-        assert!(e.contains("fix: write a size with binary units"), "{e}");
-        let e = error("[[export]]\nname = \"a\"\nsize = 0\n");
-        assert!(
-            e.contains(":3:8: export[0].size: bad size \"0\": size must be greater than zero"),
-            "{e}"
-        );
-        let e = error("[[export]]\nname = \"a\"\nsize = -5\n");
-        assert!(e.contains("export[0].size: bad size -5: negative"), "{e}");
-        let e = error("[memory]\nmax-memory = \"lots\"\n");
-        assert!(
-            e.contains(":2:14: memory.max-memory: bad size \"lots\""),
-            "{e}"
-        );
-        let e = error(
-            "[[export]]\nname = \"a\"\nsize = \"1G\"\n[[export]]\nname = \"b\"\nsize = \"1G\"\nmax-memory = \"1.5.5G\"\n",
-        );
-        assert!(e.contains(":7:14: export[1].max-memory: bad size"), "{e}");
-    }
-
-    #[test]
-    fn duplicate_exports() {
-        let e = error(
-            "[[export]]\nname = \"a\"\nsize = \"1G\"\n\n[[export]]\nname = \"a\"\nsize = \"2G\"\n",
-        );
-        assert!(e.starts_with("/etc/ramnbd/test.toml:6:8: export[1].name: export name \"a\" is used twice (first at line 2)"), "{e}");
-        assert!(e.contains("fix: give every [[export]] its own name"), "{e}");
-    }
-
-    #[test]
-    fn colliding_listeners() {
-        let e = error("[listen]\ntcp = [\"0.0.0.0:10809\", \"127.0.0.1:10809\"]\n");
-        assert!(
-            e.contains(
-                ":2:25: listen.tcp[1]: \"127.0.0.1:10809\" collides with \"0.0.0.0:10809\" (line 2)"
-            ),
-            "{e}"
-        );
-        let e = error("[listen]\nunix = [\"/run/a.sock\",\n  \"/run/a.sock\"]\n");
-        assert!(
-            e.contains(
-                ":3:3: listen.unix[1]: socket /run/a.sock is listed twice (first at line 2)"
-            ),
-            "{e}"
-        );
-        let e = error("[listen]\ntcp = [\"127.0.0.1\"]\n");
-        assert!(
-            e.contains("listen.tcp[0]: \"127.0.0.1\" has no port"),
-            "{e}"
-        );
-        let e = error("[listen]\ntcp = []\n");
-        assert!(
-            e.contains(":1:1: listen: [listen] has no tcp or unix entries"),
-            "{e}"
-        );
-        let e = error(
-            "[listen]\ntcp = [\"127.0.0.1:10809\"]\n[metrics]\nlisten = \"127.0.0.1:10809\"\n",
-        );
-        assert!(
-            e.contains(":4:10: metrics.listen: the metrics address"),
-            "{e}"
-        );
-        // Port 0 never collides, and different addresses on one port are fine.
-        parse_str("[listen]\ntcp = [\"127.0.0.1:0\", \"127.0.0.1:0\", \"127.0.0.2:10809\", \"127.0.0.1:10809\"]\n").unwrap();
-    }
-
-    #[test]
-    fn syntax_and_type_errors() {
-        let e = error("[[export]]\nname = scratch\n");
-        assert!(e.starts_with("/etc/ramnbd/test.toml:2:8: (syntax):"), "{e}");
-        assert!(e.contains("fix: fix the TOML syntax"), "{e}");
-        let e = error("[memory]\nmlock = \"yes\"\n");
-        assert!(
-            e.contains(":2:9: memory.mlock: invalid type: string \"yes\", expected a boolean"),
-            "{e}"
-        );
-        let e = error("[[export]]\nname = \"a\"\nsize = 1\n\n[[export]]\nname = \"b\"\n");
-        assert!(
-            e.contains(":5:1: export[1].size: missing field `size`"),
-            "{e}"
-        );
-        let e = error("[server]\nshutdown-grace = \"soon\"\n");
-        assert!(
-            e.contains(":2:18: server.shutdown-grace: bad duration \"soon\""),
-            "{e}"
-        );
-        let e = error("[logging]\nlevel = \"loud=[\"\n");
-        assert!(e.contains(":2:9: logging.level:"), "{e}");
-        let e = error("[server]\nmax-connections = 0\n");
-        assert!(
-            e.contains("server.max-connections: must be at least 1"),
-            "{e}"
-        );
-    }
-
-    fn cli(args: &[&str]) -> crate::cli::Cli {
-        use clap::Parser;
-        let mut argv = vec!["ramnbd"];
-        argv.extend_from_slice(args);
-        crate::cli::Cli::try_parse_from(argv).unwrap()
-    }
-
-    const FILE: &str = r#"
-[listen]
-tcp = ["127.0.0.1:10809"]
-unix = ["/run/ramnbd/ramnbd.sock"]
-[[export]]
-name = "a"
-size = "1G"
-[[export]]
-name = "b"
-size = "2G"
-[memory]
-max-memory = "2G"
-[metrics]
-listen = "127.0.0.1:9109"
-[server]
-shutdown-grace = "3s"
-"#;
-
-    #[test]
-    fn flags_override_the_file() {
-        let file = parse_str(FILE).unwrap();
-        // No flags: the file as it is.
-        let c = file.clone().apply_cli(cli(&[])).unwrap();
-        assert_eq!(c.exports.len(), 2);
-        assert_eq!(c.listen.len(), 2);
-        assert_eq!(c.shutdown_grace, Duration::from_secs(3));
-
-        let c = file
-            .clone()
-            .apply_cli(cli(&[
-                "-e",
-                "x=4G",
-                "-l",
-                "127.0.0.1:0",
-                "--max-memory",
-                "1G",
-                "--mlock",
-                "--read-only",
-                "--metrics",
-                "127.0.0.1:9200",
-                "--shutdown-grace",
-                "500ms",
-                "--log-level",
-                "warn",
-            ]))
-            .unwrap();
-        assert_eq!(c.exports.len(), 1);
-        assert_eq!(
-            (c.exports[0].name.as_str(), c.exports[0].size),
-            ("x", 4 << 30)
-        );
-        assert!(c.exports[0].read_only);
-        assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:0".into())]);
-        assert_eq!(c.memory.max_memory, Some(1 << 30));
-        assert!(c.memory.mlock);
-        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9200"));
-        assert_eq!(c.shutdown_grace, Duration::from_millis(500));
-        assert_eq!(c.log_level.as_deref(), Some("warn"));
-
-        // --size replaces the file's exports with one default export; -u alone replaces TCP too.
-        let c = file
-            .clone()
-            .apply_cli(cli(&["-s", "8G", "-u", "/tmp/x.sock"]))
-            .unwrap();
-        assert_eq!(c.exports.len(), 1);
-        assert_eq!(
-            (c.exports[0].name.as_str(), c.exports[0].size),
-            ("", 8 << 30)
-        );
-        assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/x.sock".into())]);
-
-        // The file's metrics address may collide with a listener given on the command line.
-        let err = file
-            .apply_cli(cli(&["-l", "127.0.0.1:9109"]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("--metrics \"127.0.0.1:9109\": collides with the NBD listener"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn bad_flags() {
-        let err = |args: &[&str]| {
-            Config::builtin()
-                .apply_cli(cli(args))
-                .unwrap_err()
-                .to_string()
-        };
-        assert!(err(&["--shutdown-grace", "soon"]).starts_with("--shutdown-grace \"soon\""));
-        assert!(
-            err(&["-l", "0.0.0.0:1", "-l", "127.0.0.1:1"])
-                .contains("collides with --listen \"0.0.0.0:1\"")
-        );
-        assert!(err(&["--metrics", "9109"]).contains("has no port"));
-        assert!(err(&["-u", "/a", "-u", "/a"]).contains("given twice"));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("3h").is_err());
-        assert!(parse_duration("100000m").is_err());
-    }
-
-    #[test]
-    fn key_paths() {
-        let text = "a = 1\n[t]\nb = [1, {c = 2}]\n[[x]]\nd = 3\n[[x]]\ne = 4\n";
-        let doc = DeTable::parse(text).unwrap();
-        let at = |needle: &str| key_at(doc.get_ref(), text.find(needle).unwrap());
-        assert_eq!(at("a =").as_deref(), Some("a"));
-        assert_eq!(at("c =").as_deref(), Some("t.b[1].c"));
-        assert_eq!(at("2}").as_deref(), Some("t.b[1].c"));
-        assert_eq!(at("e =").as_deref(), Some("x[1].e"));
-        assert_eq!(at("3\n").as_deref(), Some("x[0].d"));
-    }
-}
+mod tests;

@@ -1,0 +1,495 @@
+use super::*;
+use crate::config::{MemoryConfig, parse_duration};
+
+fn parse_str(text: &str) -> Result<Config, ConfigError> {
+    parse(Path::new("/etc/ramnbd/test.toml"), text)
+}
+
+fn error(text: &str) -> String {
+    parse_str(text).unwrap_err().to_string()
+}
+
+#[test]
+fn a_full_file() {
+    let c = parse_str(
+        r#"
+[listen]
+tcp = ["127.0.0.1:10809", "[::1]:10809"]
+unix = ["/run/ramnbd/ramnbd.sock"]
+
+[[export]]
+name = "scratch"
+size = "16G"
+description = "scratch space"
+max-memory = "8G"
+
+[[export]]
+name = "iso"
+size = 4194304
+read-only = true
+
+[memory]
+max-memory = "20G"
+mlock = true
+hugepages = true
+
+[logging]
+level = "debug"
+
+[metrics]
+listen = "127.0.0.1:9109"
+
+[server]
+max-connections = 64
+shutdown-grace = "2500ms"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.exports.len(), 2);
+    assert_eq!(c.exports[0].size, 16 << 30);
+    assert_eq!(c.exports[0].max_memory, Some(8 << 30));
+    assert_eq!(c.exports[0].description, "scratch space");
+    assert_eq!(c.exports[1].size, 4 << 20);
+    assert!(c.exports[1].read_only);
+    assert_eq!(
+        c.listen,
+        vec![
+            ListenAddr::Tcp("127.0.0.1:10809".into()),
+            ListenAddr::Tcp("[::1]:10809".into()),
+            ListenAddr::Unix("/run/ramnbd/ramnbd.sock".into()),
+        ]
+    );
+    assert_eq!(
+        c.memory,
+        MemoryConfig {
+            max_memory: Some(20 << 30),
+            mlock: true,
+            hugepages: true
+        }
+    );
+    assert_eq!(c.log_level.as_deref(), Some("debug"));
+    assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9109"));
+    assert_eq!(c.max_connections, 64);
+    assert_eq!(c.shutdown_grace, Duration::from_millis(2500));
+}
+
+#[test]
+fn an_empty_file_is_the_builtin_default() {
+    let c = parse_str("# nothing\n").unwrap();
+    let d = Config::builtin();
+    assert_eq!(c.exports, d.exports);
+    assert_eq!(c.listen, d.listen);
+    assert_eq!(c.shutdown_grace, d.shutdown_grace);
+}
+
+#[test]
+fn unknown_keys_name_the_line_the_key_and_the_allowed_ones() {
+    let e = error("[[export]]\nname = \"a\"\nsize = \"1G\"\nsise = \"2G\"\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:4:1: export[0].sise: unknown field `sise`"),
+        "{e}"
+    );
+    assert!(e.contains("`max-memory`"), "{e}");
+    assert!(
+        e.contains("fix: remove the key or correct its spelling"),
+        "{e}"
+    );
+    assert!(e.contains("4 | sise = \"2G\""), "{e}");
+
+    let e = error("[memmory]\nmlock = true\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:1:2: memmory: unknown field `memmory`"),
+        "{e}"
+    );
+    let e = error("[server]\ngrace = 3\n");
+    assert!(e.contains(":2:1: server.grace: unknown field"), "{e}");
+}
+
+#[test]
+fn bad_sizes() {
+    let e = error("[[export]]\nname = \"a\"\nsize = \"12Q\"\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:3:8: export[0].size: bad size \"12Q\""),
+        "{e}"
+    );
+    assert!(e.contains("fix: write a size with binary units"), "{e}");
+    let e = error("[[export]]\nname = \"a\"\nsize = 0\n");
+    assert!(
+        e.contains(":3:8: export[0].size: bad size \"0\": size must be greater than zero"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = -5\n");
+    assert!(e.contains("export[0].size: bad size -5: negative"), "{e}");
+    let e = error("[memory]\nmax-memory = \"lots\"\n");
+    assert!(
+        e.contains(":2:14: memory.max-memory: bad size \"lots\""),
+        "{e}"
+    );
+    let e = error(
+        "[[export]]\nname = \"a\"\nsize = \"1G\"\n[[export]]\nname = \"b\"\nsize = \"1G\"\nmax-memory = \"1.5.5G\"\n",
+    );
+    assert!(e.contains(":7:14: export[1].max-memory: bad size"), "{e}");
+}
+
+#[test]
+fn duplicate_exports() {
+    let e = error(
+        "[[export]]\nname = \"a\"\nsize = \"1G\"\n\n[[export]]\nname = \"a\"\nsize = \"2G\"\n",
+    );
+    assert!(e.starts_with("/etc/ramnbd/test.toml:6:8: export[1].name: export name \"a\" is used twice (first at line 2)"), "{e}");
+    assert!(e.contains("fix: give every [[export]] its own name"), "{e}");
+}
+
+#[test]
+fn colliding_listeners() {
+    let e = error("[listen]\ntcp = [\"0.0.0.0:10809\", \"127.0.0.1:10809\"]\n");
+    assert!(
+        e.contains(
+            ":2:25: listen.tcp[1]: \"127.0.0.1:10809\" collides with \"0.0.0.0:10809\" (line 2)"
+        ),
+        "{e}"
+    );
+    let e = error("[listen]\nunix = [\"/run/a.sock\",\n  \"/run/a.sock\"]\n");
+    assert!(
+        e.contains(":3:3: listen.unix[1]: socket /run/a.sock is listed twice (first at line 2)"),
+        "{e}"
+    );
+    let e = error("[listen]\ntcp = [\"127.0.0.1\"]\n");
+    assert!(
+        e.contains("listen.tcp[0]: \"127.0.0.1\" has no port"),
+        "{e}"
+    );
+    let e = error("[listen]\ntcp = []\n");
+    assert!(
+        e.contains(":1:1: listen: [listen] has no tcp or unix entries"),
+        "{e}"
+    );
+    let e =
+        error("[listen]\ntcp = [\"127.0.0.1:10809\"]\n[metrics]\nlisten = \"127.0.0.1:10809\"\n");
+    assert!(
+        e.contains(":4:10: metrics.listen: the metrics address"),
+        "{e}"
+    );
+    // Port 0 never collides, and different addresses on one port are fine.
+    parse_str("[listen]\ntcp = [\"127.0.0.1:0\", \"127.0.0.1:0\", \"127.0.0.2:10809\", \"127.0.0.1:10809\"]\n").unwrap();
+}
+
+#[test]
+fn syntax_and_type_errors() {
+    let e = error("[[export]]\nname = scratch\n");
+    assert!(e.starts_with("/etc/ramnbd/test.toml:2:8: (syntax):"), "{e}");
+    assert!(e.contains("fix: fix the TOML syntax"), "{e}");
+    let e = error("[memory]\nmlock = \"yes\"\n");
+    assert!(
+        e.contains(":2:9: memory.mlock: invalid type: string \"yes\", expected a boolean"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = 1\n\n[[export]]\nname = \"b\"\n");
+    assert!(
+        e.contains(":5:1: export[1].size: missing field `size`"),
+        "{e}"
+    );
+    let e = error("[server]\nshutdown-grace = \"soon\"\n");
+    assert!(
+        e.contains(":2:18: server.shutdown-grace: bad duration \"soon\""),
+        "{e}"
+    );
+    let e = error("[logging]\nlevel = \"loud=[\"\n");
+    assert!(e.contains(":2:9: logging.level:"), "{e}");
+    let e = error("[server]\nmax-connections = 0\n");
+    assert!(
+        e.contains("server.max-connections: must be at least 1"),
+        "{e}"
+    );
+}
+
+fn cli(args: &[&str]) -> crate::cli::Cli {
+    use clap::Parser;
+    let mut argv = vec!["ramnbd"];
+    argv.extend_from_slice(args);
+    crate::cli::Cli::try_parse_from(argv).unwrap()
+}
+
+const FILE: &str = r#"
+[listen]
+tcp = ["127.0.0.1:10809"]
+unix = ["/run/ramnbd/ramnbd.sock"]
+[[export]]
+name = "a"
+size = "1G"
+[[export]]
+name = "b"
+size = "2G"
+[memory]
+max-memory = "2G"
+[metrics]
+listen = "127.0.0.1:9109"
+[server]
+shutdown-grace = "3s"
+"#;
+
+#[test]
+fn flags_override_the_file() {
+    let file = parse_str(FILE).unwrap();
+    // No flags: the file as it is.
+    let c = file.clone().apply_cli(cli(&[])).unwrap();
+    assert_eq!(c.exports.len(), 2);
+    assert_eq!(c.listen.len(), 2);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(3));
+
+    let c = file
+        .clone()
+        .apply_cli(cli(&[
+            "-e",
+            "x=4G",
+            "-l",
+            "127.0.0.1:0",
+            "--max-memory",
+            "1G",
+            "--mlock",
+            "--read-only",
+            "--metrics",
+            "127.0.0.1:9200",
+            "--shutdown-grace",
+            "500ms",
+            "--log-level",
+            "warn",
+        ]))
+        .unwrap();
+    assert_eq!(c.exports.len(), 1);
+    assert_eq!(
+        (c.exports[0].name.as_str(), c.exports[0].size),
+        ("x", 4 << 30)
+    );
+    assert!(c.exports[0].read_only);
+    assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:0".into())]);
+    assert_eq!(c.memory.max_memory, Some(1 << 30));
+    assert!(c.memory.mlock);
+    assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9200"));
+    assert_eq!(c.shutdown_grace, Duration::from_millis(500));
+    assert_eq!(c.log_level.as_deref(), Some("warn"));
+
+    // --size replaces the file's exports with one default export; -u alone replaces TCP too.
+    let c = file
+        .clone()
+        .apply_cli(cli(&["-s", "8G", "-u", "/tmp/x.sock"]))
+        .unwrap();
+    assert_eq!(c.exports.len(), 1);
+    assert_eq!(
+        (c.exports[0].name.as_str(), c.exports[0].size),
+        ("", 8 << 30)
+    );
+    assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/x.sock".into())]);
+
+    // The file's metrics address may collide with a listener given on the command line.
+    let err = file
+        .apply_cli(cli(&["-l", "127.0.0.1:9109"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--metrics \"127.0.0.1:9109\": collides with the NBD listener"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_flags() {
+    let err = |args: &[&str]| {
+        Config::builtin()
+            .apply_cli(cli(args))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&["--shutdown-grace", "soon"]).starts_with("--shutdown-grace \"soon\""));
+    assert!(
+        err(&["-l", "0.0.0.0:1", "-l", "127.0.0.1:1"])
+            .contains("collides with --listen \"0.0.0.0:1\"")
+    );
+    assert!(err(&["--metrics", "9109"]).contains("has no port"));
+    assert!(err(&["-u", "/a", "-u", "/a"]).contains("given twice"));
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+    assert!(parse_duration("").is_err());
+    assert!(parse_duration("3h").is_err());
+    assert!(parse_duration("100000m").is_err());
+}
+
+/// Key paths come from the walk over toml's spanned document, at any depth and however a
+/// table is written (header, dotted key, inline table, array of tables).
+#[test]
+fn key_paths() {
+    let key = |text: &str| match parse_str(text).unwrap_err() {
+        ConfigError::File(err) => (err.key, err.line, err.column),
+        other => panic!("not a file error: {other}"),
+    };
+    assert_eq!(key("a = 1\n"), ("a".into(), 1, 1));
+    assert_eq!(
+        key("[listen]\ntcp = [\"127.0.0.1:1\", 2]\n"),
+        ("listen.tcp[1]".into(), 2, 23)
+    );
+    assert_eq!(
+        key("memory = { mlock = 1 }\n"),
+        ("memory.mlock".into(), 1, 20)
+    );
+    assert_eq!(
+        key("server.shutdown-grace = \"x\"\n"),
+        ("server.shutdown-grace".into(), 1, 25)
+    );
+    assert_eq!(key("export = [1]\n"), ("export[0]".into(), 1, 11));
+    assert_eq!(
+        key(
+            "[[export]]\nname = \"a\"\nsize = 1\n[[export]]\nname = \"b\"\nsize = 1\ndescription = 5\n"
+        ),
+        ("export[1].description".into(), 7, 15)
+    );
+}
+
+/// The file must be valid on its own, and so must the flags over it; a clash between the two
+/// names the flag and, for the file's side, its line.
+#[test]
+fn file_and_flags_are_validated_alike() {
+    let path = Path::new("/etc/ramnbd/test.toml");
+    let with = |text: &str, args: &[&str]| parse(path, text).and_then(|c| c.apply_cli(cli(args)));
+
+    // A file that is wrong on its own stays wrong when flags replace the part that is wrong:
+    // the service may be started without those flags.
+    let colliding = "[listen]\ntcp = [\"0.0.0.0:10809\", \"127.0.0.1:10809\"]\n";
+    let e = with(colliding, &["-l", "127.0.0.1:0"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":2:25: listen.tcp[1]:"), "{e}");
+
+    let listener = "\n[listen]\ntcp = [\"127.0.0.1:10809\"]\n";
+    let e = with(listener, &["--metrics", "127.0.0.1:10809"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "--metrics \"127.0.0.1:10809\": collides with the NBD listener \"127.0.0.1:10809\" \
+             (line 3); give metrics a port of its own"
+        ),
+        "{e}"
+    );
+    let e = with(
+        "[metrics]\nlisten = \"127.0.0.1:9\"\n",
+        &["-l", "127.0.0.1:9"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("listener --listen \"127.0.0.1:9\"; give metrics a port of its own with --metrics, which overrides metrics.listen at /etc/ramnbd/test.toml:2"),
+        "{e}"
+    );
+
+    let long = "x".repeat(4097);
+    let e = error(&format!("[[export]]\nname = \"{long}\"\nsize = 1\n"));
+    assert!(
+        e.contains(":2:8: export[0].name: the export name is longer than the 4096 bytes"),
+        "{e}"
+    );
+    let e = with("", &["-e", &format!("{long}=1M")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--export \"xxx") && e.contains("is longer than the 4096 bytes"));
+
+    // clap itself refuses an empty --unix.
+    let e = error("[listen]\nunix = [\"\"]\n");
+    assert!(
+        e.contains(":2:9: listen.unix[0]: the socket path is empty"),
+        "{e}"
+    );
+}
+
+#[test]
+fn more_file_errors() {
+    let e = error("[export]\nname = \"a\"\nsize = \"1G\"\n");
+    assert!(e.contains(":1:1: export: a single [export] table"), "{e}");
+    assert!(
+        e.contains("fix: write [[export]], in double brackets"),
+        "{e}"
+    );
+    let e = error("[metrics]\nlisten = \"127.0.0.1:9109\"\nport = 1\n");
+    assert!(
+        e.contains(":3:1: metrics.port: unknown field `port`, expected `listen`\n"),
+        "{e}"
+    );
+    let e = error("[server]\nmax-connections = -3\n");
+    assert!(
+        e.contains(":2:19: server.max-connections: must be at least 1"),
+        "{e}"
+    );
+    let e = error("[server]\nmax-connections = \"many\"\n");
+    assert!(
+        e.contains("invalid type: string \"many\", expected a whole number"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = 1.5\n");
+    assert!(
+        e.contains(":3:8: export[0].size: bad size 1.5: not a whole number"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = \"a\"\nsize = 99999999999999999999\n");
+    assert!(
+        e.contains("export[0].size: 99999999999999999999 is out of range"),
+        "{e}"
+    );
+    let e = error("[[export]]\nname = 7\nsize = 1\n");
+    assert!(
+        e.contains(":2:8: export[0].name: invalid type: integer `7`, expected a string"),
+        "{e}"
+    );
+    let e = error("listen = [\"127.0.0.1:1\"]\n");
+    assert!(
+        e.contains(":1:10: listen: invalid type: array, expected a table"),
+        "{e}"
+    );
+    let e = error("a = 1\na = 2\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:2:1: (syntax): duplicate key"),
+        "{e}"
+    );
+    // Durations: humantime's forms, and plain numbers of seconds.
+    let grace = |value: &str| {
+        parse_str(&format!("[server]\nshutdown-grace = {value}\n"))
+            .unwrap()
+            .shutdown_grace
+    };
+    assert_eq!(grace("\"1m30s\""), Duration::from_secs(90));
+    assert_eq!(grace("90"), Duration::from_secs(90));
+    assert_eq!(grace("1.5"), Duration::from_millis(1500));
+    assert_eq!(grace("\"0.5m\""), Duration::from_secs(30));
+    // An empty export list keeps the default export, as leaving it out does.
+    assert_eq!(
+        parse_str("export = []\n").unwrap().exports,
+        Config::builtin().exports
+    );
+}
+
+#[test]
+fn humantime_durations() {
+    assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("10 s"), Ok(Duration::from_secs(10)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    assert_eq!(
+        parse_duration("61m"),
+        Err("out of range (at most an hour)".into())
+    );
+    assert_eq!(
+        parse_duration("5 fortnights"),
+        Err("unknown unit \"fortnights\"; use ms, s, m or h".into())
+    );
+    assert_eq!(
+        parse_duration("soon"),
+        Err("expected a number with a unit, such as 10s, 500ms or 1m30s".into())
+    );
+    assert!(parse_duration("-1").is_err());
+    assert!(parse_duration("nan").is_err());
+}

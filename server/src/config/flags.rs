@@ -1,0 +1,121 @@
+//! Command-line flags over a [`Config`]: each flag's text becomes a typed value here, and the
+//! flags that set a value record themselves as its [`Origin`], so that
+//! [`Config::validate`] names the flag when that value is wrong.
+
+use super::value::{check_host_port, check_log_level, parse_duration, parse_size};
+use super::{Config, ConfigError, ExportConfig, ListenAddr, Origin};
+use crate::cli::Cli;
+
+impl Config {
+    /// Applies command-line flags over `self`, then validates the result. Export flags
+    /// (`--size`, `--export`) replace the file's exports, listener flags (`--listen`, `--unix`)
+    /// its listeners; `--read-only`, `--mlock` and `--hugepages` switch on; every other flag
+    /// replaces the file's value.
+    pub fn apply_cli(mut self, cli: Cli) -> Result<Config, ConfigError> {
+        self.merge_flags(cli)?;
+        self.validate()?;
+        Ok(self)
+    }
+
+    fn merge_flags(&mut self, cli: Cli) -> Result<(), ConfigError> {
+        if !cli.exports.is_empty() {
+            let exports = cli.exports.iter().map(|spec| parse_export(spec));
+            let exports = exports.collect::<Result<Vec<_>, _>>()?;
+            self.set_exports(exports.into_iter().map(|e| (e, Origin::Flag("--export"))));
+        } else if let Some(text) = &cli.size {
+            let mut export = Config::builtin().exports.remove(0);
+            export.size = parse_size(text, "--size")?;
+            self.set_exports([(export, Origin::Flag("--size"))]);
+        }
+        if cli.read_only {
+            self.exports.iter_mut().for_each(|e| e.read_only = true);
+        }
+        if !cli.listen.is_empty() || !cli.unix.is_empty() {
+            for addr in &cli.listen {
+                check_host_port(addr).map_err(|reason| flag_error("--listen", addr, reason))?;
+            }
+            let tcp = cli.listen.into_iter().map(ListenAddr::Tcp);
+            let tcp = tcp.map(|addr| (addr, Origin::Flag("--listen")));
+            let unix = cli.unix.into_iter().map(ListenAddr::Unix);
+            let unix = unix.map(|path| (path, Origin::Flag("--unix")));
+            self.set_listen(tcp.chain(unix), Origin::Flag("--listen"));
+        }
+        if let Some(text) = &cli.max_memory {
+            self.memory.max_memory = Some(parse_size(text, "--max-memory")?);
+        }
+        self.memory.mlock |= cli.mlock;
+        self.memory.hugepages |= cli.hugepages;
+        if let Some(level) = cli.log_level {
+            check_log_level(&level).map_err(|reason| flag_error("--log-level", &level, reason))?;
+            self.log_level = Some(level);
+        }
+        if let Some(text) = &cli.shutdown_grace {
+            self.shutdown_grace = parse_duration(text)
+                .map_err(|reason| flag_error("--shutdown-grace", text, reason))?;
+        }
+        if let Some(addr) = cli.metrics {
+            check_host_port(&addr).map_err(|reason| flag_error("--metrics", &addr, reason))?;
+            self.set_metrics(addr, Origin::Flag("--metrics"));
+        }
+        Ok(())
+    }
+}
+
+/// The command line alone, over the built-in defaults (no configuration file).
+impl TryFrom<Cli> for Config {
+    type Error = ConfigError;
+
+    fn try_from(cli: Cli) -> Result<Self, ConfigError> {
+        Config::builtin().apply_cli(cli)
+    }
+}
+
+fn flag_error(flag: &'static str, value: &str, reason: String) -> ConfigError {
+    ConfigError::Flag {
+        flag,
+        value: value.to_owned(),
+        reason,
+    }
+}
+
+/// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT]`.
+pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
+    let bad = |reason: &str| ConfigError::ExportSpec {
+        spec: spec.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (name, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| bad("missing '=' after the name"))?;
+    // The description may contain commas, so it ends the spec.
+    let (options, description) = match rest.find(",description=") {
+        Some(at) => (&rest[..at], rest[at + ",description=".len()..].to_owned()),
+        None => (rest, String::new()),
+    };
+    let mut parts = options.split(',');
+    let size_text = parts.next().unwrap_or_default();
+    if size_text.is_empty() {
+        return Err(bad("missing size"));
+    }
+    let size = parse_size(size_text, &format!("export {name:?}"))?;
+    let mut read_only = false;
+    let mut max_memory = None;
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => read_only = true,
+            None if option == "rw" => read_only = false,
+            Some(("max-memory", value)) => {
+                let what = format!("max-memory of export {name:?}");
+                max_memory = Some(parse_size(value, &what)?);
+            }
+            _ => return Err(bad(&format!("unknown option {option:?}"))),
+        }
+    }
+    Ok(ExportConfig {
+        name: name.to_owned(),
+        size,
+        read_only,
+        description,
+        max_memory,
+    })
+}
