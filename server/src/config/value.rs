@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::ConfigError;
 
 /// The longest shutdown grace period: far past any service manager's stop timeout.
-const MAX_GRACE: Duration = Duration::from_secs(3600);
+const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// `1 GiB`, `512 MiB`, `1000 B`: the largest binary unit that divides the size exactly.
 pub fn format_size(size: u64) -> String {
@@ -48,7 +48,7 @@ pub(super) fn size(text: &str) -> Result<u64, String> {
 }
 
 /// Parses a duration: humantime's "10s", "500ms", "1m30s" or "1.5s", or a plain number of
-/// seconds ("1.5"), at most an hour.
+/// seconds ("1.5"), at most a day.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     use humantime::DurationError;
     let text = text.trim();
@@ -69,7 +69,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn out_of_range() -> String {
-    "out of range (at most an hour)".to_owned()
+    "out of range (at most a day)".to_owned()
 }
 
 /// Checks a log level or `RUST_LOG`-style filter.
