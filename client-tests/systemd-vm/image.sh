@@ -19,7 +19,14 @@ OUT=$CACHE/systemd-vm
 mkdir -p "$OUT/debs"
 log() { echo "systemd-vm: $*" >&2; }
 
-# Packages in the guest; see docs/test-environment.md section 4.2.1 for why each is there.
+# Packages in the guest, and why each is there:
+#   udev       dev-nbd0.device, which a .mount unit on /dev/nbd0 waits for, exists only through udev
+#   kmod       libkmod (in systemd and udevd) needs modules.dep.bin/modules.alias.bin, which
+#              busybox's depmod does not write ("Failed to find module 'autofs4'" without it)
+#   dbus       systemd-run --wait and busctl need the bus ("Failed to connect to bus" without it);
+#              systemctl does not (as root it uses /run/systemd/private)
+#   nbd-client, e2fsprogs   the attach and mkfs units under test
+#   procps, iproute2        ps/pgrep and ss for the job's checks
 PACKAGES=systemd,systemd-sysv,udev,kmod,dbus,nbd-client,e2fsprogs,procps,iproute2
 # Kernel modules in the root file system (their depends= closure is added), and in the
 # initramfs (enough to mount the root disk).
