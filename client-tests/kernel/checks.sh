@@ -16,7 +16,8 @@
 #   dev_is_attached         succeed if the device is attached
 #   dev_path                print the block device's path
 #
-# and sets WORK to an empty scratch directory.
+# and sets WORK to an empty scratch directory.  The PASS/FAIL tally is
+# lib/report.sh's, which the caller sources first.
 
 set -o pipefail
 
@@ -28,8 +29,6 @@ BLOCKDEV=/usr/sbin/blockdev
 FSTRIM=/usr/sbin/fstrim
 
 MIB=1048576
-PASSED=0
-FAILED=0
 CHAIN=
 CHAIN_BROKEN=
 LAST_FAILED=
@@ -51,18 +50,9 @@ elapsed_since() {
     printf '%d.%02d s\n' $((d / 100)) $((d % 100))
 }
 
-pass() { PASSED=$((PASSED + 1)); echo "PASS $1${2:+  ($2)}"; }
-fail() { FAILED=$((FAILED + 1)); echo "FAIL $1${2:+  ($2)}"; }
-
 # note TEXT: an informational line from inside a check (fd 3 is the real
 # stdout there; the check's own output goes to a log shown only on failure).
 note() { echo "     $*" >&3; }
-
-# summary: the closing line CI reads; returns non-zero if anything failed.
-summary() {
-    echo "$PASSED passed, $FAILED failed"
-    [ "$FAILED" -eq 0 ]
-}
 
 # chain_start / chain_end: the checks in between depend on each other; once
 # one fails, the rest report FAIL ("not run") instead of running on a broken

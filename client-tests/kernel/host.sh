@@ -2,11 +2,12 @@
 # Host-side helpers shared by the runners (kernel/run.sh on a host with
 # nbd.ko, vm/run.sh, fuse/run.sh): prerequisites with their Debian packages,
 # the export plan, and starting/stopping the server under test.  Sourced by
-# bash scripts running with `set -euo pipefail`; it brings in checks.sh for
-# the PASS/FAIL reporting.
+# bash scripts running with `set -euo pipefail`; it brings in lib/report.sh
+# (prerequisites, PASS/FAIL tally), lib/ramnbd.sh (the server binary) and
+# checks.sh (the checks).
 #
 # Environment:
-#   RAMNBD_BIN   the server binary (default: target/release/ramnbd of this repo)
+#   RAMNBD_BIN   the server binary (default: cargo build --release -p ramnbd)
 #   SERVER_CMD   run this bash command instead of ramnbd, with $PORT set to the
 #                port it must listen on at 127.0.0.1, e.g. for a negative test:
 #                SERVER_CMD='nbdkit -f -p $PORT null 1G' (drops writes), or
@@ -17,10 +18,12 @@
 #                server (nbdinfo).
 
 KERNEL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$KERNEL_DIR/../.." && pwd)
-RAMNBD_BIN=${RAMNBD_BIN:-$REPO_ROOT/target/release/ramnbd}
 SERVER_CMD=${SERVER_CMD:-}
 
+# shellcheck source=../lib/report.sh
+. "$KERNEL_DIR/../lib/report.sh"
+# shellcheck source=../lib/ramnbd.sh
+. "$KERNEL_DIR/../lib/ramnbd.sh"
 # shellcheck source=checks.sh
 . "$KERNEL_DIR/checks.sh"
 
@@ -38,29 +41,6 @@ export SIZE_DEFAULT SIZE_XFS SIZE_BTRFS SIZE_RAW
 
 # ------------------------------------------------------------- prerequisites
 
-MISSING=()
-
-# need COMMAND PACKAGE: record a missing command with the Debian package that
-# provides it.  Nothing is ever skipped: prereqs_ok turns each into a FAIL.
-need() {
-    command -v "$1" >/dev/null 2>&1 || MISSING+=("$1 (apt-get install $2)")
-}
-
-# need_file PATH PACKAGE
-need_file() {
-    [[ -e $1 ]] || MISSING+=("$1 (apt-get install $2)")
-}
-
-# prereqs_ok: print one FAIL line per missing prerequisite; fails if any.
-prereqs_ok() {
-    local m
-    [[ $(id -u) -eq 0 ]] || MISSING+=("root (run as root: mounts, loop and nbd devices)")
-    for m in "${MISSING[@]}"; do
-        fail "prerequisite $m"
-    done
-    [[ ${#MISSING[@]} -eq 0 ]]
-}
-
 # need_filesystem_tools: what the shared checks run on a device, wherever it comes from.
 need_filesystem_tools() {
     need mkfs.ext4 e2fsprogs
@@ -74,32 +54,14 @@ need_filesystem_tools() {
     need_file "$FSTRIM" util-linux
 }
 
+# need_server: what starting and probing the server takes; finds (or builds)
+# ramnbd unless SERVER_CMD replaces it.
 need_server() {
     need nbdinfo libnbd-bin
     need ss iproute2
     if [[ -z $SERVER_CMD ]]; then
-        [[ -x $RAMNBD_BIN ]] ||
-            MISSING+=("$RAMNBD_BIN (cargo build --release -p ramnbd, or set RAMNBD_BIN)")
+        RAMNBD_BIN=$(ramnbd_bin) || missing "the ramnbd binary (see the message above)"
     fi
-}
-
-# ---------------------------------------------------- a child suite's output
-
-# relabel_summary NAME: filter for a child's live output (CRs of a serial
-# console dropped).  Its "N passed, N failed" line becomes "---- NAME: ...",
-# so the runner's own closing line is the only such line CI reads.
-relabel_summary() {
-    sed -u "s/\r\$//; s/^\([0-9]* passed, [0-9]* failed\)\$/---- $1: \1/"
-}
-
-# add_child_counts FILE: add the counts of the last summary line in FILE to
-# this runner's; fails if FILE has none.
-add_child_counts() {
-    local line failed
-    line=$(tr -d '\r' <"$1" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1) || return 1
-    failed=${line#*passed, }
-    PASSED=$((PASSED + ${line%% passed*}))
-    FAILED=$((FAILED + ${failed%% failed}))
 }
 
 # ------------------------------------------------------------------- server

@@ -4,22 +4,21 @@
 # attach (nbd-client), mkfs + mount, data, stop in order, re-attach, clean stop. Prints one
 # PASS/FAIL line per check, the journal of the units, and exits with the number of failures.
 S=/etc/sdvm
-PASSED=0
-FAILED=0
+# pass, fail, summary: the tally every test script shares (client-tests/lib/report.sh).
+# shellcheck source=../../lib/report.sh # (in the guest: /etc/sdvm/lib/report.sh)
+. "$S/lib/report.sh"
 export SYSTEMD_PAGER= SYSTEMD_COLORS=0 LC_ALL=C
 T0=$(cut -d' ' -f1 /proc/uptime)
 
 stamp() { awk -v t0="$T0" '{ printf "%5.1fs", $1 - t0 }' /proc/uptime; }
-pass() { echo "PASS: $* [$(stamp)]"; PASSED=$((PASSED + 1)); }
-fail() { echo "FAIL: $* [$(stamp)]"; FAILED=$((FAILED + 1)); }
 # check DESCRIPTION COMMAND...: PASS if the command succeeds; on failure show its output.
 check() {
     desc=$1
     shift
     if "$@" >/tmp/check.out 2>&1; then
-        pass "$desc"
+        pass "$desc" "$(stamp)"
     else
-        fail "$desc (exit $?: $*)"
+        fail "$desc" "exit $?: $*; $(stamp)"
         tail -n 15 /tmp/check.out | sed 's/^/    | /'
     fi
 }
@@ -171,5 +170,5 @@ journalctl -b -o short-monotonic --no-pager -p info \
 echo "---- notification messages seen by PID 1 ----"
 journalctl -b -o cat --no-pager | grep "ramnbd.service: Got notification message" | cut -c1-200
 echo "---- end of journal ----"
-echo "$PASSED passed, $FAILED failed"
+summary
 exit "$FAILED"
