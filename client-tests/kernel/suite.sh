@@ -37,6 +37,8 @@ grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kern
 WORK=$SUITE_WORK
 mkdir -p "$WORK"
 echo "kernel $(uname -r), $(nproc) CPUs, server $NBD_HOST:$NBD_PORT, device $NBD_DEV"
+echo "$(nbd-client -V 2>&1 | head -n 1); $(mkfs.ext4 -V 2>&1 | head -n 1);" \
+    "$(mkfs.xfs -V 2>&1 | head -n 1); $(mkfs.btrfs -V 2>&1 | head -n 1)"
 SUITE_T0=$(now_cs)
 
 check attach-default attach_mode "" "" "$SIZE_DEFAULT"

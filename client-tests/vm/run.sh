@@ -4,7 +4,10 @@
 # the guest against a server running on this host.  One boot runs the whole
 # plan; the host prints the guest's PASS/FAIL lines as they come.
 #
-# Usage: client-tests/vm/run.sh
+# Usage: client-tests/vm/run.sh [6.1|6.12]
+#   6.1 (default)  Debian 12: kernel 6.1, nbd-client 3.24, the host's mkfs/fsck tools
+#   6.12           Debian 13: kernel 6.12, whose nbd driver sends WRITE_ZEROES,
+#                  nbd-client 3.26 and mkfs/fsck tools from the Debian 13 folder
 # Environment: RAMNBD_BIN, SERVER_CMD (see kernel/host.sh); KERNEL_PKG (see
 # vm/build.sh); VM_TIMEOUT (hard limit for the VM in seconds, default 600);
 # VM_CPUS (default 4: the multi-conn check needs one CPU per connection,
@@ -21,6 +24,7 @@ VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$VM_DIR/../kernel/host.sh"
 # shellcheck source=../lib/vm.sh
 . "$VM_DIR/../lib/vm.sh"
+SERIES=${1:-6.1}
 VM_TIMEOUT=${VM_TIMEOUT:-600}
 VM_CPUS=${VM_CPUS:-4}
 
@@ -29,8 +33,22 @@ need_vm
 need apt-get apt
 need dpkg-deb dpkg
 need xz xz-utils
-need nbd-client nbd-client
-need_filesystem_tools
+case $SERIES in
+6.1)
+    # The guest gets the host's own client and filesystem tools.
+    need nbd-client nbd-client
+    need_filesystem_tools
+    ;;
+6.12)
+    # Debian 13's kernel is zstd-compressed; its tools come from the Debian
+    # 13 folder, which trixie/build.sh debootstraps if it is not there yet.
+    need zstd zstd
+    need debootstrap debootstrap
+    ;;
+*)
+    missing "a kernel series this script knows: 6.1 or 6.12, not '$SERIES'"
+    ;;
+esac
 need_server
 
 WORK=$(mktemp -d /tmp/ramnbd-vm.XXXXXX)
@@ -55,13 +73,14 @@ if ! prereqs_ok; then
 fi
 
 T=$SECONDS
-if ! "$VM_DIR/build.sh"; then
-    fail vm-image "vm/build.sh failed"
+if ! IMAGE=$("$VM_DIR/build.sh" "$SERIES"); then
+    fail vm-image "vm/build.sh $SERIES failed"
     summary
     exit 1
 fi
-IMAGE=$(cd "$VM_DIR/../.cache/vm-image" && pwd)
 BUILD_S=$((SECONDS - T))
+KVER=$(cat "$IMAGE/kver")
+NBD_CLIENT_VERSION=$(sed -n 's/^nbd-client //p' "$IMAGE/versions")
 
 if ! server_start "$WORK"; then
     summary
@@ -88,7 +107,8 @@ vm_initrd "$IMAGE/initramfs.cpio" "$WORK/job" "$WORK/initrd"
 # listens would still "connect" (slirp accepts) and then fail obscurely.
 port_listening "$SERVER_PORT" || { fail vm-boot "server port $SERVER_PORT is not listening"; summary; exit 1; }
 
-echo "vm: kernel $(cat "$IMAGE/kver"), $VM_CPUS vCPUs (TCG), server 127.0.0.1:$SERVER_PORT as $GUEST_FWD_IP:$SERVER_PORT, limit $VM_TIMEOUT s"
+echo "vm: kernel $KVER, nbd-client $NBD_CLIENT_VERSION ($(grep -v '^nbd-client ' "$IMAGE/versions" | tr '\n' ',' | sed 's/,$//; s/,/, /g'))"
+echo "vm: $VM_CPUS vCPUs (TCG), server 127.0.0.1:$SERVER_PORT as $GUEST_FWD_IP:$SERVER_PORT, limit $VM_TIMEOUT s"
 VM_FWD_PORT=$SERVER_PORT VM_MEM=1024 VM_CONSOLE_FILTER="relabel_summary guest" \
     vm_run "$WORK/console.log" "$VM_TIMEOUT" "$IMAGE/vmlinux" "$WORK/initrd" \
     "console=ttyS0 panic=-1 oops=panic quiet mitigations=off"
@@ -105,7 +125,7 @@ elif [[ -z $guest_status ]]; then
 fi
 if [[ $FAILED -gt 0 ]]; then server_log_tail; fi
 
-echo "---- vm run: $((SECONDS - VM_T0_S)) s (image $BUILD_S s, VM $VM_SECONDS s)"
+echo "---- vm run, kernel $KVER, nbd-client $NBD_CLIENT_VERSION: $((SECONDS - VM_T0_S)) s (image $BUILD_S s, VM $VM_SECONDS s)"
 if ! summary; then
     # The guest's own exit status where it has one, else 1.
     [[ ${guest_status:-0} -ne 0 ]] && exit "$guest_status"
