@@ -12,6 +12,7 @@
 #   fuse3                   nbdfuse's FUSE mounts on the host
 #   e2fsprogs xfsprogs btrfs-progs   the filesystems under test
 #   socat                   the per-connection relay behind qemu's guestfwd
+#   curl                    reading the server's Prometheus metrics in the VM runs
 #   nbdkit                  the comparison server in benchmarks
 #   debootstrap             the systemd test VM's root filesystem
 #   cpio xz-utils zstd      building initramfs images and unpacking kernel packages
@@ -22,7 +23,7 @@ set -euo pipefail
 
 packages=(nbd-client libnbd-bin python3-libnbd qemu-utils qemu-system-x86 busybox-static fio
           fuse3 e2fsprogs xfsprogs btrfs-progs socat nbdkit debootstrap cpio xz-utils zstd
-          procps util-linux mount iproute2 systemd binutils)
+          procps util-linux mount iproute2 systemd binutils curl)
 
 missing=()
 for pkg in "${packages[@]}"; do

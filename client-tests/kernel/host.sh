@@ -15,7 +15,8 @@
 #                (forgets everything whenever the last client disconnects).
 #                It must serve the export names of the plan below (nbdkit
 #                serves any name); the expected sizes are then taken from the
-#                server (nbdinfo).
+#                server (nbdinfo).  It has no ramnbd metrics, so the checks
+#                that read them fail.
 
 KERNEL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SERVER_CMD=${SERVER_CMD:-}
@@ -59,6 +60,7 @@ need_filesystem_tools() {
 need_server() {
     need nbdinfo libnbd-bin
     need ss iproute2
+    need curl curl
     if [[ -z $SERVER_CMD ]]; then
         RAMNBD_BIN=$(ramnbd_bin) || missing "the ramnbd binary (see the message above)"
     fi
@@ -69,6 +71,8 @@ need_server() {
 SERVER_PID=
 SERVER_PORT=
 SERVER_LOG=
+# ramnbd's Prometheus endpoint (empty with SERVER_CMD).
+METRICS_PORT=
 
 port_listening() {
     [[ -n $(ss -Hltn "sport = :$1") ]]
@@ -95,18 +99,24 @@ server_alive() {
 # export_uri NAME
 export_uri() { echo "nbd://127.0.0.1:$SERVER_PORT/$1"; }
 
-# server_start DIR: start the server on 127.0.0.1 and a free port, logging to
-# DIR/server.log; wait until it answers; set SIZE_*.
+# server_start DIR: start the server on 127.0.0.1 and a free port (ramnbd
+# also serves its metrics on another one), logging to DIR/server.log; wait
+# until it answers; set SIZE_*.
 server_start() {
     local dir=$1 i sizes=()
     SERVER_PORT=$(pick_port)
     SERVER_LOG=$dir/server.log
+    METRICS_PORT=
     if [[ -n $SERVER_CMD ]]; then
         echo "server: $SERVER_CMD (PORT=$SERVER_PORT)"
         PORT=$SERVER_PORT setsid bash -c "$SERVER_CMD" </dev/null >"$SERVER_LOG" 2>&1 &
     else
         # --no-config: a host's /etc/ramnbd/ramnbd.toml must not add exports or listeners.
-        local args=(--no-config -l "127.0.0.1:$SERVER_PORT")
+        for _ in 1 2 3; do
+            METRICS_PORT=$(pick_port)
+            [[ $METRICS_PORT == "$SERVER_PORT" ]] || break
+        done
+        local args=(--no-config -l "127.0.0.1:$SERVER_PORT" --metrics "127.0.0.1:$METRICS_PORT")
         for i in "${PLAN_SPECS[@]}"; do args+=(-e "$i"); done
         echo "server: $RAMNBD_BIN ${args[*]}"
         setsid "$RAMNBD_BIN" "${args[@]}" </dev/null >"$SERVER_LOG" 2>&1 &
@@ -116,12 +126,12 @@ server_start() {
     # only this script, whose trap stops the server.
     SERVER_PID=$!
     for _ in {1..100}; do
-        port_listening "$SERVER_PORT" && break
+        port_listening "$SERVER_PORT" && port_listening "${METRICS_PORT:-$SERVER_PORT}" && break
         server_alive || break
         sleep 0.1
     done
-    if ! server_alive || ! port_listening "$SERVER_PORT"; then
-        fail server-start "not listening on 127.0.0.1:$SERVER_PORT"
+    if ! server_alive || ! port_listening "$SERVER_PORT" || ! port_listening "${METRICS_PORT:-$SERVER_PORT}"; then
+        fail server-start "not listening on 127.0.0.1:$SERVER_PORT${METRICS_PORT:+ and :$METRICS_PORT (metrics)}"
         server_stop >/dev/null
         return 1
     fi
@@ -140,6 +150,17 @@ server_start() {
     done
     SIZE_DEFAULT=${sizes[0]} SIZE_XFS=${sizes[1]} SIZE_BTRFS=${sizes[2]} SIZE_RAW=${sizes[3]}
     pass server-start "127.0.0.1:$SERVER_PORT, pid $SERVER_PID"
+}
+
+# metric 'NAME{LABELS}': the value of one sample of ramnbd's /metrics, e.g.
+# 'ramnbd_requests_total{export="big",command="write_zeroes"}'; 0 when it is
+# not listed (ramnbd lists only the commands an export has received).  Fails
+# when there is no endpoint to read.
+metric() {
+    local text
+    [[ -n $METRICS_PORT ]] || { echo "no ramnbd metrics endpoint (SERVER_CMD is not ramnbd)" >&2; return 1; }
+    text=$(curl -fsS --max-time 10 "http://127.0.0.1:$METRICS_PORT/metrics") || return 1
+    awk -v s="$1" '$1 == s { v = $2 } END { print v + 0 }' <<<"$text"
 }
 
 server_log_tail() {

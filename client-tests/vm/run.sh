@@ -2,7 +2,8 @@
 # The nbd.ko tests for hosts without nbd.ko: boots a Debian kernel under
 # qemu TCG with a small initramfs (vm/build.sh) and runs kernel/suite.sh in
 # the guest against a server running on this host.  One boot runs the whole
-# plan; the host prints the guest's PASS/FAIL lines as they come.
+# plan; the host prints the guest's PASS/FAIL lines as they come, then checks
+# what the server saw of it (its metrics).
 #
 # Usage: client-tests/vm/run.sh [6.1|6.12]
 #   6.1 (default)  Debian 12: kernel 6.1, nbd-client 3.24, the host's mkfs/fsck tools
@@ -107,11 +108,62 @@ vm_initrd "$IMAGE/initramfs.cpio" "$WORK/job" "$WORK/initrd"
 # listens would still "connect" (slirp accepts) and then fail obscurely.
 port_listening "$SERVER_PORT" || { fail vm-boot "server port $SERVER_PORT is not listening"; summary; exit 1; }
 
+# The raw export's write_zeroes counters before the boot, to see them grow.
+WZ_BEFORE=$(metric "ramnbd_requests_total{export=\"$EXPORT_RAW\",command=\"write_zeroes\"}" 2>/dev/null) || WZ_BEFORE=
+WZ_BYTES_BEFORE=$(metric "ramnbd_request_bytes_total{export=\"$EXPORT_RAW\",command=\"write_zeroes\"}" 2>/dev/null) || WZ_BYTES_BEFORE=
+
 echo "vm: kernel $KVER, nbd-client $NBD_CLIENT_VERSION ($(grep -v '^nbd-client ' "$IMAGE/versions" | tr '\n' ',' | sed 's/,$//; s/,/, /g'))"
 echo "vm: $VM_CPUS vCPUs (TCG), server 127.0.0.1:$SERVER_PORT as $GUEST_FWD_IP:$SERVER_PORT, limit $VM_TIMEOUT s"
 VM_FWD_PORT=$SERVER_PORT VM_MEM=1024 VM_CONSOLE_FILTER="relabel_summary guest" \
     vm_run "$WORK/console.log" "$VM_TIMEOUT" "$IMAGE/vmlinux" "$WORK/initrd" \
     "console=ttyS0 panic=-1 oops=panic quiet mitigations=off"
+
+# ------------------------------------------------ what the server received
+# The guest's raw-write-zeroes check zeroes 4 MiB of the raw export with
+# BLKZEROOUT.  6.12's nbd driver sends that as WRITE_ZEROES; 6.1's driver has
+# no WRITE_ZEROES, so its block layer writes zeroes with plain WRITEs and no
+# export may ever receive one.  Only meaningful if the guest ran the check.
+ZEROED=$((4 * MIB))
+# wz KIND EXPORT: the server's write_zeroes counter KIND (requests,
+# request_bytes, request_errors) for EXPORT.
+wz() { metric "ramnbd_$1_total{export=\"$2\",command=\"write_zeroes\"}"; }
+write_zeroes_counts() {
+    local e
+    for e in "${PLAN_NAMES[@]}"; do
+        note "export '$e': write_zeroes requests $(wz requests "$e"), bytes $(wz request_bytes "$e"), errors $(wz request_errors "$e")"
+    done
+}
+guest_zeroed() {
+    tr -d '\r' <"$WORK/console.log" | grep -q '^PASS raw-write-zeroes' ||
+        die "the guest's raw-write-zeroes check did not pass, so there is nothing to compare"
+}
+server_got_write_zeroes() {
+    local n bytes errors
+    guest_zeroed
+    write_zeroes_counts
+    n=$(wz requests "$EXPORT_RAW")
+    bytes=$(wz request_bytes "$EXPORT_RAW")
+    errors=$(wz request_errors "$EXPORT_RAW")
+    [ -n "$WZ_BEFORE" ] || die "the counters could not be read before the boot"
+    note "raw export: write_zeroes requests $WZ_BEFORE -> $n, bytes $WZ_BYTES_BEFORE -> $bytes"
+    [ "$n" -gt "$WZ_BEFORE" ] || die "the raw export received no WRITE_ZEROES: the 6.12 kernel should have sent them"
+    [ "$errors" -eq 0 ] || die "$errors WRITE_ZEROES failed"
+    [ $((bytes - WZ_BYTES_BEFORE)) -eq "$ZEROED" ] ||
+        die "WRITE_ZEROES covered $((bytes - WZ_BYTES_BEFORE)) bytes of the raw export, the guest zeroed $ZEROED"
+}
+server_got_no_write_zeroes() {
+    local e n
+    guest_zeroed
+    write_zeroes_counts
+    for e in "${PLAN_NAMES[@]}"; do
+        n=$(wz requests "$e")
+        [ "$n" -eq 0 ] || die "export '$e' received $n WRITE_ZEROES from a kernel that has none"
+    done
+}
+case $SERIES in
+6.1) check server-write-zeroes-never-sent server_got_no_write_zeroes ;;
+6.12) check server-write-zeroes-received server_got_write_zeroes ;;
+esac
 
 server_stop
 
