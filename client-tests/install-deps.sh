@@ -15,7 +15,8 @@
 #   curl                    reading the server's Prometheus metrics in the VM runs
 #   nbdkit                  the comparison server in benchmarks
 #   debootstrap             the systemd test VM's root filesystem
-#   cpio xz-utils zstd      building initramfs images and unpacking kernel packages
+#   cpio xz-utils zstd      building initramfs images, unpacking kernel packages and modules
+#                           (Debian 13's kernel is zstd-compressed, its modules .ko.xz)
 #   procps util-linux mount iproute2   pgrep/ps, losetup/blkdiscard/prlimit/setpriv, mount, ss
 #   systemd                 systemd-analyze verify and systemd-socket-activate (unit tests)
 #   binutils                strip, to shrink the binary copied into the systemd VM
