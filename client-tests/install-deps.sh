@@ -12,9 +12,11 @@
 #   fuse3                   nbdfuse's FUSE mounts on the host
 #   e2fsprogs xfsprogs btrfs-progs   the filesystems under test
 #   socat                   the per-connection relay behind qemu's guestfwd
+#   curl                    reading the server's Prometheus metrics in the VM runs
 #   nbdkit                  the comparison server in benchmarks
 #   debootstrap             the systemd test VM's root filesystem
-#   cpio xz-utils zstd      building initramfs images and unpacking kernel packages
+#   cpio xz-utils zstd      building initramfs images, unpacking kernel packages and modules
+#                           (Debian 13's kernel is zstd-compressed, its modules .ko.xz)
 #   procps util-linux mount iproute2   pgrep/ps, losetup/blkdiscard/prlimit/setpriv, mount, ss
 #   systemd                 systemd-analyze verify and systemd-socket-activate (unit tests)
 #   binutils                strip, to shrink the binary copied into the systemd VM
@@ -22,7 +24,7 @@ set -euo pipefail
 
 packages=(nbd-client libnbd-bin python3-libnbd qemu-utils qemu-system-x86 busybox-static fio
           fuse3 e2fsprogs xfsprogs btrfs-progs socat nbdkit debootstrap cpio xz-utils zstd
-          procps util-linux mount iproute2 systemd binutils)
+          procps util-linux mount iproute2 systemd binutils curl)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -2,7 +2,9 @@
 # The whole test suite, as the README's second set-up command and CI run it:
 #   lint -> build -> Debian 13 client folder -> Rust unit and integration tests (raw client, nbd
 #   crate, and libnbd, qemu, fio of both Debian 12 and Debian 13)
-#   -> filesystems over nbdfuse + loop -> the kernel's nbd-client in a VM -> systemd in a VM.
+#   -> filesystems over nbdfuse + loop -> the kernel's nbd-client in a VM, twice: Debian 12's
+#   kernel 6.1 with nbd-client 3.24, and Debian 13's 6.12 (which sends WRITE_ZEROES) with
+#   nbd-client 3.26 -> systemd in a VM.
 # Installs missing Debian packages first. A missing prerequisite is a failure, never a skip.
 # The last line is the total: "N passed, N failed".
 set -uo pipefail
@@ -12,6 +14,7 @@ repo=$PWD
 passed=0
 failed=0
 failed_steps=()
+step_times=()
 
 # Runs one step, echoing its output, and adds its counts to the totals: cargo's "test result:"
 # lines summed, or a script's last "N passed, N failed" line (its total; earlier such lines are
@@ -40,6 +43,7 @@ step() {
     failed=$((failed + f))
     ((rc == 0)) || failed_steps+=("$name")
     echo "=== $name: exit $rc, $p passed, $f failed, $((SECONDS - start))s"
+    step_times+=("$name $((SECONDS - start))s")
 }
 
 client-tests/install-deps.sh || { echo "installing dependencies failed"; echo "0 passed, 1 failed"; exit 1; }
@@ -54,10 +58,12 @@ step trixie-clients client-tests/trixie/build.sh
 export RAMNBD_BIN=$repo/target/release/ramnbd
 step cargo-test cargo test --workspace --locked
 step fuse client-tests/fuse/run.sh
-step kernel-vm client-tests/kernel/run.sh
+step kernel-vm-6.1 client-tests/vm/run.sh 6.1
+step kernel-vm-6.12 client-tests/vm/run.sh 6.12
 step systemd-vm client-tests/systemd-vm/run.sh
 
 echo
+echo "step times: $(printf '%s, ' "${step_times[@]}" | sed 's/, $//'); total ${SECONDS}s"
 if ((${#failed_steps[@]})); then
     echo "failed steps: ${failed_steps[*]}"
 fi

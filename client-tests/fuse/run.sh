@@ -15,6 +15,7 @@ FUSE_T0_S=$SECONDS
 # shellcheck source=../kernel/host.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../kernel/host.sh"
 
+need_root "FUSE and loop devices, mounts"
 need nbdfuse libnbd-bin
 need fusermount3 fuse3
 need losetup mount

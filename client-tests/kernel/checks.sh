@@ -16,7 +16,8 @@
 #   dev_is_attached         succeed if the device is attached
 #   dev_path                print the block device's path
 #
-# and sets WORK to an empty scratch directory.
+# and sets WORK to an empty scratch directory.  The PASS/FAIL tally is
+# lib/report.sh's, which the caller sources first.
 
 set -o pipefail
 
@@ -28,8 +29,6 @@ BLOCKDEV=/usr/sbin/blockdev
 FSTRIM=/usr/sbin/fstrim
 
 MIB=1048576
-PASSED=0
-FAILED=0
 CHAIN=
 CHAIN_BROKEN=
 LAST_FAILED=
@@ -51,18 +50,9 @@ elapsed_since() {
     printf '%d.%02d s\n' $((d / 100)) $((d % 100))
 }
 
-pass() { PASSED=$((PASSED + 1)); echo "PASS $1${2:+  ($2)}"; }
-fail() { FAILED=$((FAILED + 1)); echo "FAIL $1${2:+  ($2)}"; }
-
 # note TEXT: an informational line from inside a check (fd 3 is the real
 # stdout there; the check's own output goes to a log shown only on failure).
 note() { echo "     $*" >&3; }
-
-# summary: the closing line CI reads; returns non-zero if anything failed.
-summary() {
-    echo "$PASSED passed, $FAILED failed"
-    [ "$FAILED" -eq 0 ]
-}
 
 # chain_start / chain_end: the checks in between depend on each other; once
 # one fails, the rest report FAIL ("not run") instead of running on a broken
@@ -294,6 +284,7 @@ dev_size() { $BLOCKDEV --getsize64 "$(dev_path)"; }
 # Raw checks on an export of at least 1 GiB.  Each writes, re-attaches and
 # reads back, so it sees what the server stored, not the page cache.
 RAW_RANGE_OFF=$((64 * MIB))
+RAW_ZERO_OFF=$((256 * MIB))
 
 raw_edges() {
     local size end first last
@@ -311,20 +302,37 @@ raw_edges() {
     dev_detach
 }
 
-raw_discard_range() {
-    local pat want
-    dev_attach "$1" "$2"
+# zero_middle EXPORT MODE OFFSET BLKDISCARD_OPTION...: write 8 MiB of random
+# data at OFFSET, clear the middle 4 MiB with blkdiscard (plain: a discard;
+# -z: BLKZEROOUT), re-attach: the middle reads as zeroes, the 2 MiB on each
+# side survive.  Notes the device's limits for both ways of clearing.
+zero_middle() {
+    local export="$1" mode="$2" off="$3" pat want queue
+    shift 3
+    dev_attach "$export" "$mode"
+    queue=/sys/class/block/$(basename "$(dev_path)")/queue
+    note "discard_max_bytes $(cat "$queue/discard_max_bytes"), write_zeroes_max_bytes $(cat "$queue/write_zeroes_max_bytes")"
     pat=$(pattern_file range $((8 * MIB)))
-    write_at "$(dev_path)" "$RAW_RANGE_OFF" "$pat"
-    # Discard the middle 4 MiB; the 2 MiB on each side must survive.
-    $BLKDISCARD -o $((RAW_RANGE_OFF + 2 * MIB)) -l $((4 * MIB)) "$(dev_path)"
-    reattach "$1" "$2"
+    write_at "$(dev_path)" "$off" "$pat"
+    $BLKDISCARD "$@" -o $((off + 2 * MIB)) -l $((4 * MIB)) "$(dev_path)"
+    reattach "$export" "$mode"
     cp "$pat" "$WORK/range.want"
     dd if=/dev/zero of="$WORK/range.want" bs="$MIB" seek=2 count=4 conv=notrunc 2>/dev/null
     want=$(file_hash "$WORK/range.want")
-    expect_hash "8 MiB around the discarded range" \
-        "$(read_hash "$(dev_path)" "$RAW_RANGE_OFF" $((8 * MIB)))" "$want"
+    expect_hash "8 MiB around the cleared range" \
+        "$(read_hash "$(dev_path)" "$off" $((8 * MIB)))" "$want"
     dev_detach
+}
+
+raw_discard_range() { zero_middle "$1" "$2" "$RAW_RANGE_OFF"; }
+
+# raw_write_zeroes: BLKZEROOUT ("zero it, keep it allocated").  A kernel
+# whose block driver can offload it (nbd.ko from 6.12 on: write_zeroes_max_bytes
+# > 0) sends WRITE_ZEROES with NO_HOLE; otherwise (6.1) the block layer writes
+# pages of zeroes.  Either way the data must come out right; which of the two
+# reached the server, the runner reads from the server's metrics.
+raw_write_zeroes() {
+    zero_middle "$1" "$2" "$RAW_ZERO_OFF" -z
 }
 
 # raw_discard_all: discard the whole device (the kernel splits it into
@@ -345,6 +353,8 @@ raw_discard_all() {
     expect_hash "last MiB" "$(read_hash "$(dev_path)" $((size - MIB)) "$MIB")" "$zero"
     expect_hash "8 MiB at 64 MiB" "$(read_hash "$(dev_path)" "$RAW_RANGE_OFF" $((8 * MIB)))" \
         "$(zero_hash $((8 * MIB)))"
+    expect_hash "8 MiB at 256 MiB" "$(read_hash "$(dev_path)" "$RAW_ZERO_OFF" $((8 * MIB)))" \
+        "$(zero_hash $((8 * MIB)))"
     dev_detach
 }
 
@@ -354,6 +364,8 @@ raw_checks() {
     cleanup_if_failed raw-write-read-edges
     check raw-discard-range raw_discard_range "$@"
     cleanup_if_failed raw-discard-range
+    check raw-write-zeroes raw_write_zeroes "$@"
+    cleanup_if_failed raw-write-zeroes
     check raw-discard-whole-device raw_discard_all "$@"
     cleanup_if_failed raw-discard-whole-device
 }

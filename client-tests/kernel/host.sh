@@ -2,11 +2,12 @@
 # Host-side helpers shared by the runners (kernel/run.sh on a host with
 # nbd.ko, vm/run.sh, fuse/run.sh): prerequisites with their Debian packages,
 # the export plan, and starting/stopping the server under test.  Sourced by
-# bash scripts running with `set -euo pipefail`; it brings in checks.sh for
-# the PASS/FAIL reporting.
+# bash scripts running with `set -euo pipefail`; it brings in lib/report.sh
+# (prerequisites, PASS/FAIL tally), lib/ramnbd.sh (the server binary) and
+# checks.sh (the checks).
 #
 # Environment:
-#   RAMNBD_BIN   the server binary (default: target/release/ramnbd of this repo)
+#   RAMNBD_BIN   the server binary (default: cargo build --release -p ramnbd)
 #   SERVER_CMD   run this bash command instead of ramnbd, with $PORT set to the
 #                port it must listen on at 127.0.0.1, e.g. for a negative test:
 #                SERVER_CMD='nbdkit -f -p $PORT null 1G' (drops writes), or
@@ -14,13 +15,16 @@
 #                (forgets everything whenever the last client disconnects).
 #                It must serve the export names of the plan below (nbdkit
 #                serves any name); the expected sizes are then taken from the
-#                server (nbdinfo).
+#                server (nbdinfo).  It has no ramnbd metrics, so the checks
+#                that read them fail.
 
 KERNEL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$KERNEL_DIR/../.." && pwd)
-RAMNBD_BIN=${RAMNBD_BIN:-$REPO_ROOT/target/release/ramnbd}
 SERVER_CMD=${SERVER_CMD:-}
 
+# shellcheck source=../lib/report.sh
+. "$KERNEL_DIR/../lib/report.sh"
+# shellcheck source=../lib/ramnbd.sh
+. "$KERNEL_DIR/../lib/ramnbd.sh"
 # shellcheck source=checks.sh
 . "$KERNEL_DIR/checks.sh"
 
@@ -38,29 +42,6 @@ export SIZE_DEFAULT SIZE_XFS SIZE_BTRFS SIZE_RAW
 
 # ------------------------------------------------------------- prerequisites
 
-MISSING=()
-
-# need COMMAND PACKAGE: record a missing command with the Debian package that
-# provides it.  Nothing is ever skipped: prereqs_ok turns each into a FAIL.
-need() {
-    command -v "$1" >/dev/null 2>&1 || MISSING+=("$1 (apt-get install $2)")
-}
-
-# need_file PATH PACKAGE
-need_file() {
-    [[ -e $1 ]] || MISSING+=("$1 (apt-get install $2)")
-}
-
-# prereqs_ok: print one FAIL line per missing prerequisite; fails if any.
-prereqs_ok() {
-    local m
-    [[ $(id -u) -eq 0 ]] || MISSING+=("root (run as root: mounts, loop and nbd devices)")
-    for m in "${MISSING[@]}"; do
-        fail "prerequisite $m"
-    done
-    [[ ${#MISSING[@]} -eq 0 ]]
-}
-
 # need_filesystem_tools: what the shared checks run on a device, wherever it comes from.
 need_filesystem_tools() {
     need mkfs.ext4 e2fsprogs
@@ -74,32 +55,15 @@ need_filesystem_tools() {
     need_file "$FSTRIM" util-linux
 }
 
+# need_server: what starting and probing the server takes; finds (or builds)
+# ramnbd unless SERVER_CMD replaces it.
 need_server() {
     need nbdinfo libnbd-bin
     need ss iproute2
+    need curl curl
     if [[ -z $SERVER_CMD ]]; then
-        [[ -x $RAMNBD_BIN ]] ||
-            MISSING+=("$RAMNBD_BIN (cargo build --release -p ramnbd, or set RAMNBD_BIN)")
+        RAMNBD_BIN=$(ramnbd_bin) || missing "the ramnbd binary (see the message above)"
     fi
-}
-
-# ---------------------------------------------------- a child suite's output
-
-# relabel_summary NAME: filter for a child's live output (CRs of a serial
-# console dropped).  Its "N passed, N failed" line becomes "---- NAME: ...",
-# so the runner's own closing line is the only such line CI reads.
-relabel_summary() {
-    sed -u "s/\r\$//; s/^\([0-9]* passed, [0-9]* failed\)\$/---- $1: \1/"
-}
-
-# add_child_counts FILE: add the counts of the last summary line in FILE to
-# this runner's; fails if FILE has none.
-add_child_counts() {
-    local line failed
-    line=$(tr -d '\r' <"$1" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1) || return 1
-    failed=${line#*passed, }
-    PASSED=$((PASSED + ${line%% passed*}))
-    FAILED=$((FAILED + ${failed%% failed}))
 }
 
 # ------------------------------------------------------------------- server
@@ -107,6 +71,8 @@ add_child_counts() {
 SERVER_PID=
 SERVER_PORT=
 SERVER_LOG=
+# ramnbd's Prometheus endpoint (empty with SERVER_CMD).
+METRICS_PORT=
 
 port_listening() {
     [[ -n $(ss -Hltn "sport = :$1") ]]
@@ -133,18 +99,24 @@ server_alive() {
 # export_uri NAME
 export_uri() { echo "nbd://127.0.0.1:$SERVER_PORT/$1"; }
 
-# server_start DIR: start the server on 127.0.0.1 and a free port, logging to
-# DIR/server.log; wait until it answers; set SIZE_*.
+# server_start DIR: start the server on 127.0.0.1 and a free port (ramnbd
+# also serves its metrics on another one), logging to DIR/server.log; wait
+# until it answers; set SIZE_*.
 server_start() {
     local dir=$1 i sizes=()
     SERVER_PORT=$(pick_port)
     SERVER_LOG=$dir/server.log
+    METRICS_PORT=
     if [[ -n $SERVER_CMD ]]; then
         echo "server: $SERVER_CMD (PORT=$SERVER_PORT)"
         PORT=$SERVER_PORT setsid bash -c "$SERVER_CMD" </dev/null >"$SERVER_LOG" 2>&1 &
     else
         # --no-config: a host's /etc/ramnbd/ramnbd.toml must not add exports or listeners.
-        local args=(--no-config -l "127.0.0.1:$SERVER_PORT")
+        for _ in 1 2 3; do
+            METRICS_PORT=$(pick_port)
+            [[ $METRICS_PORT == "$SERVER_PORT" ]] || break
+        done
+        local args=(--no-config -l "127.0.0.1:$SERVER_PORT" --metrics "127.0.0.1:$METRICS_PORT")
         for i in "${PLAN_SPECS[@]}"; do args+=(-e "$i"); done
         echo "server: $RAMNBD_BIN ${args[*]}"
         setsid "$RAMNBD_BIN" "${args[@]}" </dev/null >"$SERVER_LOG" 2>&1 &
@@ -154,12 +126,12 @@ server_start() {
     # only this script, whose trap stops the server.
     SERVER_PID=$!
     for _ in {1..100}; do
-        port_listening "$SERVER_PORT" && break
+        port_listening "$SERVER_PORT" && port_listening "${METRICS_PORT:-$SERVER_PORT}" && break
         server_alive || break
         sleep 0.1
     done
-    if ! server_alive || ! port_listening "$SERVER_PORT"; then
-        fail server-start "not listening on 127.0.0.1:$SERVER_PORT"
+    if ! server_alive || ! port_listening "$SERVER_PORT" || ! port_listening "${METRICS_PORT:-$SERVER_PORT}"; then
+        fail server-start "not listening on 127.0.0.1:$SERVER_PORT${METRICS_PORT:+ and :$METRICS_PORT (metrics)}"
         server_stop >/dev/null
         return 1
     fi
@@ -178,6 +150,17 @@ server_start() {
     done
     SIZE_DEFAULT=${sizes[0]} SIZE_XFS=${sizes[1]} SIZE_BTRFS=${sizes[2]} SIZE_RAW=${sizes[3]}
     pass server-start "127.0.0.1:$SERVER_PORT, pid $SERVER_PID"
+}
+
+# metric 'NAME{LABELS}': the value of one sample of ramnbd's /metrics, e.g.
+# 'ramnbd_requests_total{export="big",command="write_zeroes"}'; 0 when it is
+# not listed (ramnbd lists only the commands an export has received).  Fails
+# when there is no endpoint to read.
+metric() {
+    local text
+    [[ -n $METRICS_PORT ]] || { echo "no ramnbd metrics endpoint (SERVER_CMD is not ramnbd)" >&2; return 1; }
+    text=$(curl -fsS --max-time 10 "http://127.0.0.1:$METRICS_PORT/metrics") || return 1
+    awk -v s="$1" '$1 == s { v = $2 } END { print v + 0 }' <<<"$text"
 }
 
 server_log_tail() {

@@ -16,11 +16,12 @@ KDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 if [[ ! -e /sys/module/nbd ]] && ! modprobe nbd 2>/dev/null; then
     echo "kernel: this host has no nbd driver (no /sys/module/nbd, modprobe nbd failed): using the VM runner"
-    exec "$KDIR/../vm/run.sh"
+    exec "$KDIR/../vm/run.sh" "$@"
 fi
 
 # shellcheck source=host.sh
 . "$KDIR/host.sh"
+need_root "nbd devices and mounts"
 need nbd-client nbd-client
 need_filesystem_tools
 need taskset util-linux
@@ -34,7 +35,7 @@ if [[ -z ${NBD_DEV:-} ]]; then
         fi
     done
 fi
-[[ -n ${NBD_DEV:-} ]] || MISSING+=("a free /dev/nbdX (all are attached)")
+[[ -n ${NBD_DEV:-} ]] || missing "a free /dev/nbdX (all are attached)"
 export NBD_DEV NBD_HOST=127.0.0.1
 
 WORK=$(mktemp -d /tmp/ramnbd-kernel.XXXXXX)

@@ -2,7 +2,8 @@
 # shellcheck shell=sh
 # The kernel-client test plan: nbd-client + nbd.ko against a running server.
 # Runs under bash on a host that has nbd.ko (kernel/run.sh starts it) and
-# under busybox sh inside the VM guest (vm/run.sh).  As root.
+# under busybox sh inside the VM guest (vm/run.sh, which copies this folder
+# and lib/ into the guest with the same layout).  As root.
 #
 # Environment: NBD_HOST NBD_PORT (where this machine reaches the server),
 # NBD_DEV (a free /dev/nbdX), SUITE_WORK (a scratch directory),
@@ -14,6 +15,8 @@
 
 set -u
 SUITE_DIR=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib/report.sh
+. "$SUITE_DIR/../lib/report.sh"
 # shellcheck source=checks.sh
 . "$SUITE_DIR/checks.sh"
 
@@ -34,6 +37,8 @@ grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kern
 WORK=$SUITE_WORK
 mkdir -p "$WORK"
 echo "kernel $(uname -r), $(nproc) CPUs, server $NBD_HOST:$NBD_PORT, device $NBD_DEV"
+echo "$(nbd-client -V 2>&1 | head -n 1); $(mkfs.ext4 -V 2>&1 | head -n 1);" \
+    "$(mkfs.xfs -V 2>&1 | head -n 1); $(mkfs.btrfs -V 2>&1 | head -n 1)"
 SUITE_T0=$(now_cs)
 
 check attach-default attach_mode "" "" "$SIZE_DEFAULT"

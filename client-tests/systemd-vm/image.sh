@@ -5,7 +5,8 @@
 #                                                  the kernel modules the test needs
 #   client-tests/.cache/systemd-vm/initramfs.gz   busybox: mount the root disk, switch_root
 #                                                  to /lib/systemd/systemd
-#   client-tests/.cache/systemd-vm/vmlinux        the kernel (from client-tests/vm/build.sh)
+#   client-tests/.cache/systemd-vm/vmlinux        the kernel: Debian 12's 6.1, from
+#                                                  client-tests/vm/build.sh 6.1
 # Each part is rebuilt only when its inputs change (stamps). The Debian packages debootstrap
 # downloads are cached in client-tests/.cache/systemd-vm/debs.
 #
@@ -19,7 +20,14 @@ OUT=$CACHE/systemd-vm
 mkdir -p "$OUT/debs"
 log() { echo "systemd-vm: $*" >&2; }
 
-# Packages in the guest; see docs/test-environment.md section 4.2.1 for why each is there.
+# Packages in the guest, and why each is there:
+#   udev       dev-nbd0.device, which a .mount unit on /dev/nbd0 waits for, exists only through udev
+#   kmod       libkmod (in systemd and udevd) needs modules.dep.bin/modules.alias.bin, which
+#              busybox's depmod does not write ("Failed to find module 'autofs4'" without it)
+#   dbus       systemd-run --wait and busctl need the bus ("Failed to connect to bus" without it);
+#              systemctl does not (as root it uses /run/systemd/private)
+#   nbd-client, e2fsprogs   the attach and mkfs units under test
+#   procps, iproute2        ps/pgrep and ss for the job's checks
 PACKAGES=systemd,systemd-sysv,udev,kmod,dbus,nbd-client,e2fsprogs,procps,iproute2
 # Kernel modules in the root file system (their depends= closure is added), and in the
 # initramfs (enough to mount the root disk).
@@ -27,10 +35,9 @@ ROOT_MODULES=(nbd ext4 crc32c_generic crc32c_intel autofs4 virtio_pci virtio_blk
 INITRD_MODULES=(virtio_pci virtio_blk ext4 crc32c_generic crc32c_intel)
 
 # ------------------------------------------------------------------ kernel
-# client-tests/vm/build.sh fetches the Debian kernel package (cached) and extracts the
-# uncompressed vmlinux that qemu boots through PVH.
-"$HERE/../vm/build.sh"
-VMIMG=$CACHE/vm-image
+# client-tests/vm/build.sh fetches the Debian 12 kernel package (cached) and extracts the
+# uncompressed vmlinux that qemu boots through PVH; the guest is bookworm, so its 6.1 kernel.
+VMIMG=$("$HERE/../vm/build.sh" 6.1)
 KVER=$(cat "$VMIMG/kver")
 DEB=$(compgen -G "$CACHE/linux-image-${KVER}_*_amd64.deb" | head -n 1) ||
     { log "no cached kernel package for $KVER in $CACHE"; exit 1; }

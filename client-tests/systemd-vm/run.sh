@@ -13,62 +13,66 @@
 #   RAMNBD_BIN     the ramnbd binary to test (default: cargo build --release -p ramnbd)
 #   SDVM_TIMEOUT   hard limit for the VM in seconds (default 240)
 #   SDVM_KEEP_LOG  keep the console log here (default: client-tests/.cache/systemd-vm/console.log)
-# Needs root, qemu-system-x86, debootstrap, busybox-static, e2fsprogs, iproute2, cpio-free
-# (busybox provides cpio); the image is built on first use (see image.sh) and cached.
+# Needs root, qemu-system-x86, debootstrap, busybox-static (also for cpio), e2fsprogs; a missing
+# one is a FAIL. The image is built on first use (see image.sh) and cached. The VM itself is
+# lib/vm.sh's.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=../lib/report.sh
+. "$HERE/../lib/report.sh"
+# shellcheck source=../lib/ramnbd.sh
+. "$HERE/../lib/ramnbd.sh"
+# shellcheck source=../lib/vm.sh
+. "$HERE/../lib/vm.sh"
 OUT=$REPO/client-tests/.cache/systemd-vm
 LIMIT=${SDVM_TIMEOUT:-240}
 LOG=${SDVM_KEEP_LOG:-$OUT/console.log}
 T0=$SECONDS
 say() { echo "systemd-vm: $*"; }
 
-[[ $(id -u) == 0 ]] || { say "must run as root (debootstrap, chroot, mknod)"; exit 2; }
-for tool in qemu-system-x86_64 debootstrap busybox mkfs.ext4 timeout; do
-    command -v "$tool" >/dev/null || { say "$tool is missing (apt-get install qemu-system-x86 debootstrap busybox-static e2fsprogs)"; exit 2; }
-done
-
-# ------------------------------------------------------------------ the binary
-if [[ -n ${RAMNBD_BIN:-} ]]; then
-    BIN=$RAMNBD_BIN
-else
-    say "cargo build --release -p ramnbd"
-    (cd "$REPO" && cargo build --release -q -p ramnbd)
-    BIN=$REPO/target/release/ramnbd
+need_root "debootstrap, chroot, mknod"
+need_vm
+need debootstrap debootstrap
+need mkfs.ext4 e2fsprogs
+need dpkg-deb dpkg
+need xz xz-utils
+BIN=$(ramnbd_bin) || missing "the ramnbd binary (see the message above)"
+if ! prereqs_ok; then
+    summary
+    exit 1
 fi
-[[ -x $BIN ]] || { say "no ramnbd binary at $BIN"; exit 2; }
 
 # ------------------------------------------------------------------ the image
-"$HERE/image.sh"
+if ! "$HERE/image.sh"; then
+    fail systemd-vm-image "systemd-vm/image.sh failed"
+    summary
+    exit 1
+fi
 say "image ready after $((SECONDS - T0)) s"
 
 # ------------------------------------------------------------------ the job archive
 RUN=$(mktemp -d "$OUT/run.XXXXXX")
-QEMU_PID=
 cleanup() {
-    if [[ -n $QEMU_PID ]] && kill -0 "$QEMU_PID" 2>/dev/null; then
-        kill -TERM "$QEMU_PID" 2>/dev/null || true
-        wait "$QEMU_PID" 2>/dev/null || true
-    fi
+    local rc=$?
+    trap - EXIT INT TERM
+    vm_stop
     rm -rf "$RUN"
+    exit "$rc"
 }
 trap cleanup EXIT
-trap 'say "interrupted"; exit 130' INT TERM
+trap 'say "interrupted"; exit 130' INT
+trap 'say "terminated"; exit 143' TERM
 
 JOB=$RUN/job
-mkdir -p "$JOB/sdvm/systemd" "$JOB/sdvm/config" "$JOB/sdvm/docs"
+mkdir -p "$JOB/sdvm/systemd" "$JOB/sdvm/config" "$JOB/sdvm/docs" "$JOB/sdvm/lib"
 cp "$HERE/guest/job.sh" "$JOB/sdvm/job.sh"
+cp "$HERE/../lib/report.sh" "$JOB/sdvm/lib/"
 strip -o "$JOB/sdvm/ramnbd" "$BIN" 2>/dev/null || cp "$BIN" "$JOB/sdvm/ramnbd"
 cp "$REPO"/systemd/* "$JOB/sdvm/systemd/"
 cp "$REPO/config/ramnbd.toml" "$JOB/sdvm/config/"
 cp "$REPO/docs/operations.md" "$JOB/sdvm/docs/" 2>/dev/null || true
-(cd "$JOB" && find sdvm | LC_ALL=C sort | busybox cpio -o -H newc 2>/dev/null) >"$RUN/job.cpio"
-# The job archive goes after the gzip one, at a 4-byte-aligned offset (the kernel skips NULs).
-cp "$OUT/initramfs.gz" "$RUN/initrd"
-pad=$(( (4 - $(stat -c %s "$RUN/initrd") % 4) % 4 ))
-head -c "$pad" /dev/zero >>"$RUN/initrd"
-cat "$RUN/job.cpio" >>"$RUN/initrd"
+vm_initrd "$OUT/initramfs.gz" "$JOB" "$RUN/initrd"
 
 # ------------------------------------------------------------------ boot
 # Units and generators that cost boot time and play no part in the test.
@@ -83,56 +87,38 @@ APPEND="console=ttyS0 panic=-1 oops=panic mitigations=off quiet systemd.unit=vm-
 APPEND+=" systemd.firstboot=off systemd.log_color=0 net.ifnames=0 fsck.mode=skip"
 for unit in $MASK; do APPEND+=" systemd.mask=$unit"; done
 
-say "booting (limit ${LIMIT} s)"
-BOOT=$SECONDS
+# show_job: the console, live, from the job's first line to its exit status.
+show_job() { relabel_summary guest | sed -u -n '/^systemd-vm job:/,/^VM-EXIT-STATUS=/p'; }
+
+say "booting $(cat "$OUT/kver") (limit ${LIMIT} s)"
 # snapshot=on: the image is opened read-only; guest writes go to a temporary file.
-timeout -k 10 "$LIMIT" qemu-system-x86_64 -nodefaults -no-user-config -no-reboot \
-    -accel tcg,thread=multi -cpu max -smp 2 -m 1536 -display none -serial stdio -monitor none \
-    -kernel "$OUT/vmlinux" -initrd "$RUN/initrd" -append "$APPEND" \
+VM_CPUS=2 VM_MEM=1536 VM_CONSOLE_FILTER=show_job \
+    vm_run "$LOG" "$LIMIT" "$OUT/vmlinux" "$RUN/initrd" "$APPEND" \
     -drive "file=$OUT/rootfs.img,format=raw,if=none,id=root,snapshot=on" \
-    -device virtio-blk-pci,drive=root \
-    </dev/null >"$LOG" 2>&1 &
-QEMU_PID=$!
-set +e
-wait "$QEMU_PID"
-QEMU_RC=$?
-set -e
-QEMU_PID=
-VM_SECONDS=$((SECONDS - BOOT))
+    -device virtio-blk-pci,drive=root
 
 # ------------------------------------------------------------------ results
-tr -d '\r' <"$LOG" | sed -n '/^systemd-vm job:/,/^VM-EXIT-STATUS=/p'
-passed=$(tr -d '\r' <"$LOG" | grep -c '^PASS: ' || true)
-failed=$(tr -d '\r' <"$LOG" | grep -c '^FAIL: ' || true)
-status=$(tr -d '\r' <"$LOG" | sed -n 's/^VM-EXIT-STATUS=\([0-9]*\)$/\1/p' | tail -n 1)
-if [[ $QEMU_RC == 124 || $QEMU_RC == 137 ]]; then
-    say "FAIL: the VM ran past ${LIMIT} s and was killed; console log: $LOG"
-    failed=$((failed + 1))
-elif [[ -z $status ]]; then
-    say "FAIL: the job did not finish (qemu exit $QEMU_RC); last console lines:"
+status=$(vm_guest_status "$LOG")
+if vm_timed_out; then
+    fail vm-run "the VM ran past ${LIMIT} s and was killed; console log: $LOG"
+elif ! add_child_counts "$LOG" || [[ -z $status ]]; then
+    fail vm-run "the job did not finish (qemu exit $VM_RC); last console lines:"
     tr -d '\r' <"$LOG" | tail -n 25
-    failed=$((failed + 1))
 fi
 # The job left socket, server, attach and mount up: the poweroff must take them down in order
 # (unmount, detach, stop the server), so the kernel never loses the device's server.
 SHUTDOWN_PART=$(tr -d '\r' <"$LOG" | sed -n '/^POWEROFF-WITH-STACK-UP/,$p')
 if [[ -z $SHUTDOWN_PART ]]; then
-    echo "FAIL: the job did not leave the stack up for the poweroff"
-    failed=$((failed + 1))
+    fail poweroff-in-order "the job did not leave the stack up for the poweroff"
 elif grep -E "I/O error, dev nbd|Dead connection|Receive control failed|EXT4-fs \(nbd[0-9]+\): I/O error|FAILED" <<<"$SHUTDOWN_PART"; then
-    echo "FAIL: the poweroff stopped the ramnbd stack out of order (errors above)"
-    failed=$((failed + 1))
+    fail poweroff-in-order "the poweroff stopped the ramnbd stack out of order (errors above)"
 else
-    echo "PASS: poweroff with the file system mounted: unmount, detach, server stop in order (no nbd I/O error)"
-    passed=$((passed + 1))
+    pass poweroff-in-order "with the file system mounted: unmount, detach, server stop in order (no nbd I/O error)"
 fi
 if tr -d '\r' <"$LOG" | grep -q '^SHUTDOWN-REACHED'; then
-    echo "PASS: clean poweroff: every unit stopped and file systems unmounted (systemd-shutdown ran)"
-    passed=$((passed + 1))
+    pass clean-poweroff "every unit stopped and file systems unmounted (systemd-shutdown ran)"
 else
-    echo "FAIL: the VM did not reach systemd-shutdown"
-    failed=$((failed + 1))
+    fail clean-poweroff "the VM did not reach systemd-shutdown"
 fi
 say "VM ran ${VM_SECONDS} s; whole run $((SECONDS - T0)) s; console log: $LOG"
-echo "$passed passed, $failed failed"
-[[ $failed == 0 && $passed -gt 0 ]]
+summary
