@@ -84,3 +84,75 @@ fn a_hostile_connection_does_not_disturb_its_neighbours() {
     );
     drop(deaf);
 }
+
+#[test]
+fn a_stderr_nobody_reads_does_not_stall_the_server() {
+    // The server logs a line for each of a few thousand hostile handshakes into a pipe that
+    // is never read: it fills after some hundreds of lines. Logging must then drop lines, not
+    // block the threads that serve connections and handle signals.
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+
+    /// Kills the server if the test fails half way.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ramnbd.sock");
+    let child = Command::new(ramnbd_client_tests::server::ramnbd_bin())
+        .args(["--no-config", "-s", "1M", "-u"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped()) // kept open, never read
+        .spawn()
+        .unwrap();
+    let mut child = Reap(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..3000 {
+        // A bad option magic after the greeting: one log line each, then the server closes.
+        let mut hostile = UnixStream::connect(&socket).unwrap();
+        hostile
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut greeting = [0u8; 18];
+        std::io::Read::read_exact(&mut hostile, &mut greeting).expect("a greeting");
+        hostile.write_all(&[0, 0, 0, 1]).unwrap();
+        hostile.write_all(&[0xee; 16]).unwrap();
+    }
+    let target = ramnbd_client_tests::Target::Unix(socket.clone());
+    let mut client = Negotiate::new("").go(&target);
+    client.set_read_timeout(Duration::from_secs(10));
+    client.write(0, b"still serving").expect("write");
+    assert_eq!(client.read(0, 13), Ok(b"still serving".to_vec()));
+    drop(client);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.0.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server ignored SIGTERM with its stderr full"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}

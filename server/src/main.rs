@@ -17,6 +17,7 @@ use ramnbd::shutdown::{Phase, Shutdown};
 use ramnbd::systemd::{self, Inherited};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -33,7 +34,7 @@ fn main() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    init_logging(config.log_level.as_deref())?;
+    let _log_flush = init_logging(config.log_level.as_deref())?;
     // Marks this process as an I/O flusher: its memory allocations never wait on I/O, and it
     // is not throttled by dirty-page writeback. Why: when the kernel's NBD client for this
     // server runs on the same host, reclaim may need to write dirty pages *to our device*; if
@@ -103,25 +104,38 @@ fn check_config(mut cli: Cli, file: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// `--log-level` wins, then `RUST_LOG`, then `info`.
-fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
+/// Log lines waiting for stderr; beyond this, new lines are dropped (and counted).
+const LOG_QUEUE_LINES: usize = 16 * 1024;
+
+/// `--log-level` wins, then `RUST_LOG`, then `info`. Lines go to stderr from a thread of
+/// their own: if stderr blocks (a pipe nobody reads, a stalled journal), lines are dropped
+/// rather than stopping the thread that logged, which would stall every connection it
+/// serves and the signal handler with them. Keep the guard until exit: dropping it flushes
+/// (waiting at most about a second).
+fn init_logging(level: Option<&str>) -> anyhow::Result<WorkerGuard> {
     let filter = match level {
         Some(level) => {
             EnvFilter::try_new(level).with_context(|| format!("bad --log-level {level:?}"))?
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("ramnbd-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     // Under systemd, stderr goes to the journal, which has its own timestamps.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().init();
     } else {
         builder.init();
     }
-    Ok(())
+    Ok(guard)
 }
 
 /// SIGTERM and SIGINT move the stop on one phase each (see `ramnbd::shutdown`): the first

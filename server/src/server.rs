@@ -146,7 +146,10 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: Shutdown,
 ) {
+    // Sessions and accept loops are tracked apart, so that what is logged as active is
+    // connections only.
     let tracker = TaskTracker::new();
+    let accepting = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
     for listener in listeners {
         let accept = accept_loop(
@@ -157,9 +160,12 @@ pub async fn serve(
             shutdown.clone(),
             options.metrics.clone(),
         );
-        tracker.spawn(accept);
+        accepting.spawn(accept);
     }
+    accepting.close();
     shutdown.reached(Phase::Stopping).await;
+    // The accept loops end at once, dropping their listeners (and Unix socket files).
+    accepting.wait().await;
     tracker.close();
     tracing::info!(
         active = tracker.len(),

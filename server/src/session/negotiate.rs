@@ -81,7 +81,12 @@ where
     greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     writer.write_all(&greeting).await?;
 
-    let client_flags = reader.read_u32().await?;
+    let mut client_flags = [0u8; 4];
+    if !read_watching(reader, &mut client_flags, watch).await? {
+        tracing::debug!("server stopping before the client sent its flags: closing");
+        return Ok(None);
+    }
+    let client_flags = u32::from_be_bytes(client_flags);
     // Spec: the server MUST drop the connection on a client flag it did not advertise.
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         tracing::info!(client_flags, "client sent unknown handshake flags, closing");
@@ -95,10 +100,11 @@ where
 
     let mut out = Vec::new();
     loop {
-        let Some(header) = read_option_header(reader, watch).await? else {
+        let mut header = [0u8; 16];
+        if !read_watching(reader, &mut header, watch).await? {
             tracing::debug!("server stopping, client quiet: closing the handshake");
             return Ok(None);
-        };
+        }
         let magic = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
         let option = u32::from_be_bytes(header[8..12].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(header[12..].try_into().expect("4 bytes"));
@@ -120,18 +126,24 @@ where
                 return Ok(None);
             }
             // Drain without buffering so the option stream stays in sync.
-            tokio::io::copy(
-                &mut (&mut *reader).take(u64::from(len)),
-                &mut tokio::io::sink(),
-            )
-            .await?;
+            let mut scratch = [0u8; 4096];
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min(scratch.len());
+                if !read_watching(reader, &mut scratch[..n], watch).await? {
+                    return Ok(None);
+                }
+                left -= n;
+            }
             out.clear();
             option_reply(&mut out, option, REP_ERR_TOO_BIG, b"option data too large");
             writer.write_all(&out).await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
-        reader.read_exact(&mut data).await?;
+        if !read_watching(reader, &mut data, watch).await? {
+            return Ok(None);
+        }
         tracing::debug!(option, len, "option");
 
         out.clear();
@@ -165,39 +177,39 @@ enum Step {
     Transmit(Arc<Export>),
 }
 
-/// Reads the 16-byte option header (magic, option, length). While the server runs it waits
+/// Fills `buf` from the client, following the shutdown phases. While the server runs it waits
 /// as long as the client likes. Once stopping, a client quiet for [`DRAIN_IDLE`] ends the
-/// handshake, and so does the closing phase: `Ok(None)`. `read` is cancel-safe, so waking for
-/// a phase change loses no bytes.
-async fn read_option_header<R: AsyncRead + Unpin>(
+/// handshake, and so does the closing phase: `Ok(false)`. `read` is cancel-safe, so waking
+/// for a phase change loses no bytes. Every read of the handshake goes through here.
+async fn read_watching<R: AsyncRead + Unpin>(
     reader: &mut R,
+    buf: &mut [u8],
     watch: &mut PhaseWatch,
-) -> io::Result<Option<[u8; 16]>> {
-    let mut header = [0u8; 16];
+) -> io::Result<bool> {
     let mut got = 0;
-    while got < header.len() {
+    while got < buf.len() {
         let n = match watch.seen() {
             Phase::Running => tokio::select! {
-                read = reader.read(&mut header[got..]) => read?,
+                read = reader.read(&mut buf[got..]) => read?,
                 () = watch.changed() => continue,
             },
             Phase::Stopping => tokio::select! {
-                read = tokio::time::timeout(DRAIN_IDLE, reader.read(&mut header[got..])) => {
+                read = tokio::time::timeout(DRAIN_IDLE, reader.read(&mut buf[got..])) => {
                     match read {
                         Ok(read) => read?,
-                        Err(_quiet) => return Ok(None),
+                        Err(_quiet) => return Ok(false),
                     }
                 }
                 () = watch.changed() => continue,
             },
-            Phase::Closing | Phase::Aborting => return Ok(None),
+            Phase::Closing | Phase::Aborting => return Ok(false),
         };
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         got += n;
     }
-    Ok(Some(header))
+    Ok(true)
 }
 
 /// The answer to an option while the server is stopping.

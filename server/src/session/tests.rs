@@ -407,3 +407,19 @@ async fn export_name_after_extended_headers_closes_the_connection() {
     assert!(client.closed().await);
     assert!(session.await.unwrap().is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_sends_its_flags_is_closed_once_stopping() {
+    // Every read of the handshake follows the phases, the client flags' included: a client
+    // that connects and sends nothing cannot hold a stopping server for its grace period.
+    let exports = exports(MIB);
+    let shutdown = Shutdown::new();
+    let (mut client, session) = start(&exports, &shutdown);
+    let mut greeting = [0u8; 18];
+    client.stream.read_exact(&mut greeting).await.unwrap();
+    shutdown.advance(Phase::Stopping);
+    let started = tokio::time::Instant::now();
+    assert!(client.closed().await);
+    assert!(session.await.unwrap().is_none());
+    assert!(started.elapsed() <= crate::shutdown::DRAIN_IDLE * 2);
+}
