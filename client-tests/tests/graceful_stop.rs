@@ -435,3 +435,38 @@ fn a_third_signal_exits_at_once() {
         third.elapsed()
     );
 }
+
+#[test]
+fn a_signal_while_listeners_are_being_bound_still_stops_cleanly() {
+    // 400 Unix listeners take some milliseconds to bind. SIGTERM as soon as the first socket
+    // file appears: the signal handlers must already be in place, so the server stops in
+    // order (exit 0) and removes every socket file it made, rather than dying of the signal
+    // with the files left behind.
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<std::path::PathBuf> =
+        (0..400).map(|i| dir.path().join(format!("s{i}"))).collect();
+    let mut command = std::process::Command::new(ramnbd_client_tests::server::ramnbd_bin());
+    command.args(["--no-config", "-s", "1M"]);
+    for path in &paths {
+        command.arg("-u").arg(path);
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !paths[0].exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the server never bound its first socket"
+        );
+        std::hint::spin_loop();
+    }
+    kill_process(Pid::from_raw(child.id() as i32).unwrap(), Signal::TERM).unwrap();
+    let status = child.wait().unwrap();
+    let left = paths.iter().filter(|p| p.exists()).count();
+    assert!(status.success(), "{status} ({left} socket files left)");
+    assert_eq!(left, 0, "socket files left behind");
+}
