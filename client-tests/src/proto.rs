@@ -2,10 +2,10 @@
 //!
 //! The tests must not share constants with the code under test: a wrong value copied on both
 //! sides would make every test pass (the reference `nbd.h` really does carry a wrong
-//! `NBD_REPLY_TYPE_BLOCK_STATUS`). Values come from upstream `doc/proto.md` and the
-//! `extension-ext-header` branch, as summarised in `shared/docs/nbd-protocol.md` section 1.
+//! `NBD_REPLY_TYPE_BLOCK_STATUS`). Values come from upstream `doc/proto.md` (NetworkBlockDevice/nbd),
+//! extended headers included.
 
-// Magic numbers (section 1.1).
+// Magic numbers.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -21,7 +21,7 @@ pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-// Options (section 1.3).
+// Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
@@ -34,7 +34,7 @@ pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
-// Option reply types (section 1.4).
+// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
@@ -51,13 +51,13 @@ pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
 pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
 
-// Info types inside NBD_REP_INFO (section 1.5).
+// Info types inside NBD_REP_INFO.
 pub const INFO_EXPORT: u16 = 0;
 pub const INFO_NAME: u16 = 1;
 pub const INFO_DESCRIPTION: u16 = 2;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-// Transmission flags (section 1.6).
+// Transmission flags.
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
@@ -72,7 +72,7 @@ pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 pub const TFLAG_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
-// Commands (section 1.7).
+// Commands.
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
@@ -83,7 +83,7 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_RESIZE: u16 = 8;
 
-// Command flags (section 1.8).
+// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
@@ -91,7 +91,7 @@ pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
-// Structured reply chunk flags and types (section 1.9).
+// Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
@@ -117,7 +117,7 @@ pub const SPEC_ERRORS: [u32; 8] = [
     EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
 ];
 
-// base:allocation flags (section 1.12).
+// base:allocation flags.
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 

@@ -1,8 +1,8 @@
 //! The Linux kernel client's dialect, reproduced with the raw client (the host has no nbd.ko;
 //! the real kernel runs in the VM tests in client-tests/vm).
 //!
-//! What the kernel does (shared/docs/nbd-protocol.md section 5.2, test-environment.md 3.5):
-//! nbd-client sends only GO with no info requests and client flags FIXED_NEWSTYLE|NO_ZEROES;
+//! What the kernel does (read in `drivers/block/nbd.c` and nbd-client 3.24, and seen in the
+//! VM tests): nbd-client sends only GO with no info requests and client flags FIXED_NEWSTYLE|NO_ZEROES;
 //! the kernel accepts only simple replies, keeps up to 128 requests in flight per connection
 //! with cookies `(cmd_cookie << 32) | tag`, uses 512-byte sectors, sends FUA writes, TRIMs of
 //! up to 4 GiB - 512 bytes, and DISC at disconnect while I/O may still be in flight.

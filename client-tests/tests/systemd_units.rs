@@ -65,8 +65,9 @@ fn units_pass_systemd_analyze_verify_without_a_warning() {
     assert!(ok && text.trim().is_empty(), "verify complained:\n{text}");
 }
 
-/// The check above would catch the classic mistake (docs/test-environment.md 4.3, point 1): a
-/// local mount of the NBD device is an ordering cycle through local-fs.target.
+/// The check above would catch the classic mistake: a local mount of the NBD device is an
+/// ordering cycle (a local mount is ordered before local-fs.target, but the socket, server,
+/// client and mkfs units it needs come after sysinit.target, which is after local-fs.target).
 #[test]
 fn verify_catches_a_mount_without_netdev() {
     let dir = tempfile::tempdir().unwrap();
