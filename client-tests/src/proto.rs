@@ -101,7 +101,7 @@ pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
-// Error values (section 1.10). Only these may appear on the wire.
+// Error values. Only these may appear on the wire.
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
 pub const ENOMEM: u32 = 12;
