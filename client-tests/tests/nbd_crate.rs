@@ -67,6 +67,7 @@ fn nbd_crate_round_trips_48_mib_in_single_requests() {
     // EXPORT_NAME clients never see the advertised 32 MiB maximum; the crate sends each write
     // and read as one request of the whole buffer. The server counts what it received.
     let server = Server::start(&["-s", "128M", "--metrics", "127.0.0.1:0"]);
+    let peak_before = server.peak_rss_bytes();
     let mut unix = UnixStream::connect(server.unix_path()).expect("connect");
     let export = handshake(&mut unix, b"").expect("EXPORT_NAME handshake");
     let mut client = NbdClient::new(&mut unix, &export);
@@ -77,6 +78,10 @@ fn nbd_crate_round_trips_48_mib_in_single_requests() {
     client.seek(SeekFrom::Start(MIB + 5)).expect("seek");
     client.read_exact(&mut back).expect("a 48 MiB read");
     assert!(back == data, "48 MiB read back differs");
+    // The store keeps the 48 MiB; streaming adds no request-sized buffer on top.
+    let growth = server.peak_rss_bytes() - peak_before;
+    eprintln!("peak RSS growth for a 48 MiB write and read: {} KiB", growth / 1024);
+    assert!(growth < 56 * MIB, "peak RSS grew by {} MiB", growth / MIB);
 
     let body = scrape(&server);
     for command in ["write", "read"] {
