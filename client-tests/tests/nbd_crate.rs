@@ -80,7 +80,10 @@ fn nbd_crate_round_trips_48_mib_in_single_requests() {
     assert!(back == data, "48 MiB read back differs");
     // The store keeps the 48 MiB; streaming adds no request-sized buffer on top.
     let growth = server.peak_rss_bytes() - peak_before;
-    eprintln!("peak RSS growth for a 48 MiB write and read: {} KiB", growth / 1024);
+    eprintln!(
+        "peak RSS growth for a 48 MiB write and read: {} KiB",
+        growth / 1024
+    );
     assert!(growth < 56 * MIB, "peak RSS grew by {} MiB", growth / MIB);
 
     let body = scrape(&server);

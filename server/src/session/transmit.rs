@@ -455,7 +455,9 @@ impl<'a> Connection<'a> {
                         last,
                     );
                 }
-                let n = (chunk_end - next).min(self.output.room() as u64) as usize;
+                // Up to a batch's worth: smaller copies stay in cache for the socket write.
+                let batch_left = SEND_BATCH.saturating_sub(self.output.encoded()).max(4096);
+                let n = (chunk_end - next).min(batch_left as u64) as usize;
                 let disk = &self.negotiated_ref().export.disk;
                 disk.read(next, self.output.spare(n));
                 self.output.commit(n);
