@@ -1025,8 +1025,9 @@ impl Transmission {
         let plain_flags = req.flags & !CMD_FLAG_FUA == 0;
         let allowed = match req.command {
             CMD_READ | CMD_FLUSH | CMD_CACHE => true,
-            CMD_WRITE | CMD_WRITE_ZEROES => !self.export.read_only && !capped,
-            CMD_TRIM => !self.export.read_only,
+            // A write may need room under a cap; a zeroing with plain flags gives room back.
+            CMD_WRITE => !self.export.read_only && !capped,
+            CMD_TRIM | CMD_WRITE_ZEROES => !self.export.read_only,
             CMD_BLOCK_STATUS => self.context.is_some() && req.length > 0,
             _ => false,
         };
