@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use ramnbd::proto::consts::*;
-use ramnbd_fuzz::session::{delivery, input, neg};
+use ramnbd_fuzz::session::{delivery, fill, input, literal, neg};
 use ramnbd_fuzz::wire::{compact, extended, info_request, meta_context_request, option, string};
 
 fn main() -> std::io::Result<()> {
@@ -100,7 +100,7 @@ fn session() -> Seeds {
     let structured = neg::GO | neg::STRUCTURED | neg::META;
     let ext = neg::GO | neg::EXTENDED | neg::META;
     let stop_half = 8; // stopping after 7/14 of the bytes
-    let pieces_29 = 4 << delivery::PIECE_SHIFT;
+    let pieces_29 = 2 << delivery::PIECE_SHIFT;
     let pieces_1 = 1 << delivery::PIECE_SHIFT;
     let cat = |parts: &[Vec<u8>]| parts.concat();
     let page = |byte: u8| vec![byte; 4096];
@@ -255,7 +255,57 @@ fn session() -> Seeds {
     let many_reads: Vec<u8> = (0..40u64)
         .flat_map(|i| compact(CMD_READ, 0, i, i * 4096, 4096))
         .collect();
+    // Fill records (delivery::FILLS) make requests of megabytes from a few bytes: a streamed
+    // write that completes and is read back, a refused one skipped whole, a streamed write
+    // over the cap, and whole-payload writes that fill the receive buffer.
+    let fills = delivery::FILLS;
+    let streamed_whole = cat(&[
+        literal(&extended(CMD_WRITE, 0, 1, 512, (3 << 19) + 3)),
+        fill((3 << 19) + 3, 0x5a),
+        literal(&extended(CMD_READ, 0, 2, 0, (2 << 20) + 512)),
+        literal(&extended(CMD_BLOCK_STATUS, 0, 3, 0, (2 << 20) + 512)),
+        literal(&xdisc),
+    ]);
+    let skipped_whole = cat(&[
+        literal(&compact(CMD_WRITE, 0, 1, 1 << 20, 2 << 20)),
+        fill(2 << 20, 1),
+        literal(&compact(CMD_READ, 0, 2, 1 << 20, 4096)),
+        literal(&disc),
+    ]);
+    let capped_streamed = cat(&[
+        literal(&compact(CMD_WRITE, 0, 1, 0, (1 << 20) + 1)),
+        fill((1 << 20) + 1, 1),
+        literal(&compact(CMD_READ, 0, 2, 0, 100)),
+    ]);
+    let back_to_back: Vec<u8> = (0..3u64)
+        .flat_map(|i| {
+            let len = (1 << 20) - 4096 * i;
+            cat(&[
+                literal(&compact(CMD_WRITE, 0, i, 4096 * i, len as u32)),
+                fill(len as usize, i as u8 + 1),
+            ])
+        })
+        .chain(literal(&compact(CMD_READ, 0, 9, 0, 2 << 20)))
+        .collect();
     vec![
+        ("fills-streamed-write", input(ext, fills, &streamed_whole)),
+        (
+            "fills-streamed-write-pieces",
+            input(ext, fills | pieces_29, &streamed_whole),
+        ),
+        ("fills-skipped-write", input(go, fills, &skipped_whole)),
+        (
+            "fills-capped-streamed-write",
+            input(go | neg::CAPPED, fills, &capped_streamed),
+        ),
+        (
+            "fills-whole-writes",
+            input(go, fills | delivery::METRICS, &back_to_back),
+        ),
+        (
+            "fills-stopping",
+            input(ext, fills | stop_half, &streamed_whole),
+        ),
         ("raw-handshake", input(neg::RAW, 0, &raw_handshake)),
         (
             "raw-handshake-bytewise",

@@ -81,13 +81,72 @@ pub mod delivery {
     /// fourteenths of its bytes (15: all of them), and closing a virtual second after the
     /// last byte.
     pub const STOP_MASK: u8 = 0x0f;
-    /// Bits 4 to 6: the client writes pieces of `PIECES[i]` bytes, yielding between them.
+    /// Bits 4 and 5: the client writes pieces of `PIECES[i]` bytes (at most 4096 pieces),
+    /// yielding between them.
     pub const PIECE_SHIFT: u8 = 4;
+    /// The raw bytes are fill records (see [`super::expand`]), so that a short input can
+    /// stream a request of megabytes.
+    pub const FILLS: u8 = 1 << 6;
     /// Metrics on.
     pub const METRICS: u8 = 1 << 7;
 }
 
-const PIECES: [usize; 8] = [usize::MAX, 1, 5, 16, 29, 64, 512, 4096];
+const PIECES: [usize; 4] = [usize::MAX, 1, 29, 4096];
+
+/// The most bytes fill records expand to: enough for a streamed write across the whole
+/// `disk` export, little enough to keep a run to milliseconds.
+pub const MAX_EXPANDED: usize = 3 << 20;
+
+/// Expands fill records: a tag byte `t` below 0x80 is followed by `t + 1` literal bytes; a
+/// tag of 0x80 or more, by two bytes that with its low 7 bits make a 23-bit count `n`, and a
+/// byte repeated `n + 1` times.
+pub fn expand(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some((&tag, rest)) = raw.split_first() {
+        if out.len() >= MAX_EXPANDED {
+            break;
+        }
+        if tag < 0x80 {
+            let n = (usize::from(tag) + 1).min(rest.len());
+            out.extend_from_slice(&rest[..n]);
+            raw = &rest[n..];
+        } else {
+            let [hi, lo, byte, rest @ ..] = rest else {
+                break;
+            };
+            let count = usize::from(tag & 0x7f) << 16 | usize::from(*hi) << 8 | usize::from(*lo);
+            let count = (count + 1).min(MAX_EXPANDED - out.len());
+            out.resize(out.len() + count, *byte);
+            raw = rest;
+        }
+    }
+    out.truncate(MAX_EXPANDED);
+    out
+}
+
+/// Fill records for `bytes` as literals.
+pub fn literal(bytes: &[u8]) -> Vec<u8> {
+    bytes
+        .chunks(128)
+        .flat_map(|chunk| {
+            let mut record = vec![(chunk.len() - 1) as u8];
+            record.extend_from_slice(chunk);
+            record
+        })
+        .collect()
+}
+
+/// Fill records for `count` copies of `byte`.
+pub fn fill(mut count: usize, byte: u8) -> Vec<u8> {
+    let mut records = Vec::new();
+    while count > 0 {
+        let n = count.min(1 << 23);
+        let m = n - 1;
+        records.extend_from_slice(&[0x80 | (m >> 16) as u8, (m >> 8) as u8, m as u8, byte]);
+        count -= n;
+    }
+    records
+}
 
 /// Polls of the server's future one session may take: far more than any input of a fuzzer's
 /// size needs, so reaching it means a busy loop (a paused clock cannot catch one: virtual
@@ -105,8 +164,9 @@ pub struct Setup {
 }
 
 impl Setup {
-    fn piece(self) -> usize {
-        PIECES[usize::from((self.delivery >> delivery::PIECE_SHIFT) & 7)]
+    /// The size of the client's pieces for a stream of `len` bytes.
+    fn piece(self, len: usize) -> usize {
+        PIECES[usize::from((self.delivery >> delivery::PIECE_SHIFT) & 3)].max(len / 4096)
     }
 
     /// After how many fourteenths of the client's bytes the server starts stopping.
@@ -144,7 +204,12 @@ pub fn client_stream(data: &[u8]) -> (Setup, Vec<u8>) {
         delivery: data.get(1).copied().unwrap_or(0),
     };
     let mut stream = prefix(setup.negotiation);
-    stream.extend_from_slice(data.get(2..).unwrap_or_default());
+    let raw = data.get(2..).unwrap_or_default();
+    if setup.delivery & delivery::FILLS != 0 {
+        stream.extend(expand(raw));
+    } else {
+        stream.extend_from_slice(raw);
+    }
     (setup, stream)
 }
 
@@ -217,7 +282,7 @@ pub fn run(data: &[u8]) -> Summary {
     let metrics = setup.metrics().then(|| Metrics::new(Arc::clone(&exports)));
     let outcome = runtime.block_on(session(&exports, &stream, setup, metrics.clone()));
     if let Some(metrics) = metrics {
-        metrics.render();
+        check_metrics(&metrics.render(), &outcome);
     }
     check_stores(&exports, &outcome);
     outcome.summary
@@ -278,7 +343,7 @@ async fn deliver(
             tokio::time::sleep(Duration::from_millis(1)).await;
             shutdown.advance(Phase::Stopping);
         }
-        for piece in bytes.chunks(setup.piece()) {
+        for piece in bytes.chunks(setup.piece(stream.len())) {
             if writer.write_all(piece).await.is_err() {
                 break; // the server has closed the connection
             }
@@ -318,6 +383,9 @@ impl<F: Future> Future for PollLimit<F> {
 #[derive(Debug, Default)]
 struct Outcome {
     summary: Summary,
+    /// The checker could not insist on every reply (see `Checker`).
+    lenient: bool,
+    diverged: bool,
     /// The export transmission used, with the model of its bytes.
     export: Option<(Arc<Export>, Vec<u8>)>,
     /// Requests that may have changed the store without an acknowledgement: the last one
@@ -345,6 +413,35 @@ impl Uncertain {
             Some(payload) => payload.get((at - self.offset) as usize) == Some(&byte),
         }
     }
+}
+
+/// The export's request and error counters match the replies the client read. Only when it
+/// read every reply the server made: a graceful stop or a bad magic can end the stream with
+/// replies counted but not followed.
+fn check_metrics(text: &str, outcome: &Outcome) {
+    let (Some(export), false) = (&outcome.summary.export, outcome.lenient || outcome.diverged)
+    else {
+        return;
+    };
+    let label = format!("export=\"{export}\"");
+    let count = |family: &str| -> usize {
+        text.lines()
+            .filter(|line| line.starts_with(family) && line.contains(&label))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
+            .sum()
+    };
+    let replies = &outcome.summary.replies;
+    let errors = replies.iter().filter(|&&e| e != 0).count();
+    assert_eq!(
+        count("ramnbd_requests_total{"),
+        replies.len(),
+        "requests counted"
+    );
+    assert_eq!(
+        count("ramnbd_request_errors_total{"),
+        errors,
+        "errors counted"
+    );
 }
 
 /// After the session: each store holds its model (or what an unacknowledged request may have
@@ -501,6 +598,8 @@ impl Checker<'_> {
             assert!(self.diverged || extra == 0, "{extra} bytes after the end");
         }
         outcome.summary.options = self.answered;
+        outcome.lenient = self.lenient;
+        outcome.diverged = self.diverged;
         outcome
     }
 

@@ -80,3 +80,29 @@ fn the_harness_follows_each_phase() {
     let bad_magic = seed("go-bad-magic");
     assert!(bad_magic.replies.len() <= 2, "{bad_magic:?}");
 }
+
+#[test]
+fn fill_records_stream_requests_of_megabytes() {
+    let streamed = seed("fills-streamed-write");
+    assert_eq!(
+        streamed.replies,
+        [0, 0, 0],
+        "the write, the read back, block status"
+    );
+    assert_eq!(seed("fills-skipped-write").replies, [28, 0]);
+    assert_eq!(seed("fills-capped-streamed-write").replies, [28, 0]);
+    assert_eq!(seed("fills-whole-writes").replies, [0, 0, 0, 0]);
+}
+
+#[test]
+fn fill_records_expand() {
+    use ramnbd_fuzz::session::{MAX_EXPANDED, expand, fill, literal};
+    let records = [literal(b"abc"), fill(5, b'x'), literal(&[7; 200])].concat();
+    let mut want = b"abcxxxxx".to_vec();
+    want.extend_from_slice(&[7; 200]);
+    assert_eq!(expand(&records), want);
+    assert_eq!(expand(&fill(1 << 24, 1)).len(), MAX_EXPANDED);
+    // A record cut short ends the stream.
+    assert_eq!(expand(&[0x80, 0]), b"");
+    assert_eq!(expand(&[5, b'a']), b"a");
+}
