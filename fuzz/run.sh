@@ -3,23 +3,31 @@
 #
 #   fuzz/run.sh [SECONDS]
 #
-# Needs a nightly toolchain (`cargo +nightly`) and cargo-fuzz, which it installs if missing
-# (`cargo install cargo-fuzz --locked`: about two minutes on a 2-core machine). Building the
-# targets takes about three minutes more the first time.
+# Needs cargo-fuzz, which it installs if missing (`cargo install cargo-fuzz --locked`: about
+# two minutes on a 2-core machine), and nightly or, failing that, stable (see below).
+# Building the targets takes about three minutes more the first time.
 #
 # Inputs the fuzzer finds go to fuzz/generated/<target>/ (not committed); the seeds in
 # fuzz/corpus/<target>/ are read, never written. Prints the executions per target and exits
 # non-zero on any crash, timeout or leak, naming the reproducer libFuzzer wrote under
-# fuzz/artifacts/<target>/. Reproduce one with
-#   cargo +nightly fuzz run -a <target> fuzz/artifacts/<target>/<file>
+# fuzz/artifacts/<target>/. Reproduce one, in fuzz/, with
+#   cargo +nightly fuzz run -a <target> artifacts/<target>/<file>
+# or, for the session target, natively on stable:
+#   cargo run --release --example replay -- artifacts/session/<file>
 set -euo pipefail
 
 seconds=${1:-60}
 cd "$(dirname "$0")"
 
-if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "run.sh: a nightly toolchain is needed (rustup toolchain install nightly)" >&2
-    exit 2
+# cargo-fuzz passes -Z flags (sanitizer, coverage) to rustc: nightly if the machine has it,
+# else the stable toolchain with RUSTC_BOOTSTRAP, which accepts them (machines without
+# network access to toolchains may have only stable).
+if cargo +nightly --version >/dev/null 2>&1; then
+    toolchain=(+nightly)
+else
+    echo "run.sh: no nightly toolchain; using stable with RUSTC_BOOTSTRAP=1"
+    toolchain=()
+    export RUSTC_BOOTSTRAP=1
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "run.sh: installing cargo-fuzz"
@@ -29,7 +37,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 # -a: debug assertions and overflow checks in the server code too.
-cargo +nightly fuzz build -a
+cargo "${toolchain[@]}" fuzz build -a
 
 # Per target: the longest input. Sessions stay small so each run is fast; the option parser
 # needs room for a 4096-byte name.
@@ -42,7 +50,7 @@ for target in request_decoder option_parser session; do
     echo "run.sh: $target for ${seconds}s (log: fuzz/$log)"
     status=0
     # -timeout: an input that takes this long is a hang and is reported as one.
-    cargo +nightly fuzz run -a "$target" "generated/$target" "corpus/$target" -- \
+    cargo "${toolchain[@]}" fuzz run -a "$target" "generated/$target" "corpus/$target" -- \
         -max_total_time="$seconds" -max_len="${max_len[$target]}" -timeout=30 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)

@@ -224,11 +224,12 @@ fn session() -> Seeds {
     let capped = cat(&[
         compact(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 1, 0, 4096 * 20),
         compact(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 2, 0, 4096 * 15),
-        compact(CMD_WRITE, 0, 3, 64 << 10, 8192),
-        vec![1; 8192],
+        // Straddles two pages: 17 with the 15 held.
+        compact(CMD_WRITE, 0, 3, (64 << 10) - 2048, 4096),
+        vec![1; 4096],
         compact(CMD_TRIM, 0, 4, 0, 4096 * 15),
-        compact(CMD_WRITE, 0, 5, 64 << 10, 8192),
-        vec![1; 8192],
+        compact(CMD_WRITE, 0, 5, (64 << 10) - 2048, 4096),
+        vec![1; 4096],
         compact(CMD_READ, 0, 6, (64 << 10) - 100, 300),
         disc.clone(),
     ]);
