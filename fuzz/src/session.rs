@@ -4,7 +4,8 @@
 //! * byte 0, the **negotiation** ([`neg`]): whether a correct handshake is put in front of the
 //!   raw bytes (so the fuzzer reaches the transmission phase at once) and which one;
 //! * byte 1, the **delivery** ([`delivery`]): in what pieces the client writes its bytes, whether
-//!   the server starts a graceful stop part way, and whether metrics are on;
+//!   the server starts a graceful stop part way, whether the raw bytes are fill records
+//!   ([`expand`]: megabyte requests from short inputs), and whether metrics are on;
 //! * the rest: raw client bytes, after that prefix.
 //!
 //! # What is checked
@@ -20,6 +21,7 @@
 //!   and zeroing the server acknowledged; nothing on a read-only export, past an export's
 //!   end, or under an unnegotiated context succeeds; plain valid requests do succeed;
 //! * the session ends once the client's input is over (no hang, no busy loop);
+//! * with metrics on, the export's request and error counters match the replies read;
 //! * afterwards the store holds what the model says, within its size and memory cap, and the
 //!   exports the session did not use are untouched.
 
@@ -591,12 +593,11 @@ struct Ended;
 impl Checker<'_> {
     async fn run(mut self) -> Outcome {
         let mut outcome = Outcome::default();
-        if self.handshake(&mut outcome).await.is_err() {
-            // Whatever the reason, the server must not send anything more; when the checker
-            // gave up following (a diverged stream) it reads what is left.
-            let extra = self.out.drain().await;
-            assert!(self.diverged || extra == 0, "{extra} bytes after the end");
-        }
+        // Every path ends where the connection must: the server then sends nothing more.
+        // When the checker gave up following (a diverged stream) it reads what is left.
+        let _ended = self.handshake(&mut outcome).await;
+        let extra = self.out.drain().await;
+        assert!(self.diverged || extra == 0, "{extra} bytes after the end");
         outcome.summary.options = self.answered;
         outcome.lenient = self.lenient;
         outcome.diverged = self.diverged;
