@@ -423,3 +423,24 @@ async fn a_client_that_never_sends_its_flags_is_closed_once_stopping() {
     assert!(session.await.unwrap().is_none());
     assert!(started.elapsed() <= crate::shutdown::DRAIN_IDLE * 2);
 }
+
+#[tokio::test]
+async fn a_bad_magic_still_gets_the_replies_before_it_sent() {
+    // The stream is out of sync after a bad request magic; the requests before it were valid
+    // and are answered in full before the connection closes.
+    let exports = exports(MIB);
+    let (mut client, session) = start(&exports, &Shutdown::new());
+    client.go(false).await;
+    let mut bytes = Vec::new();
+    for i in 0..8u64 {
+        bytes.extend(Client::request(CMD_READ, 0, i, 0, 64 * 1024));
+    }
+    bytes.extend([0xab; 28]);
+    client.send(&bytes).await;
+    for i in 0..8u64 {
+        let (error, cookie, data) = client.simple_reply(64 * 1024).await;
+        assert_eq!((error, cookie, data.len()), (0, i, 64 * 1024));
+    }
+    assert!(client.closed().await);
+    assert!(session.await.unwrap().is_none(), "ends as an error: out of sync");
+}

@@ -142,8 +142,10 @@ struct Connection<'a> {
     input: ReceiveBuffer,
     output: SendBuffer,
     ongoing: Option<Ongoing<'a>>,
-    /// The client sent DISC.
+    /// The client sent DISC, or the stream fell out of sync.
     disconnected: bool,
+    /// The bad request magic that ended the connection.
+    out_of_sync: Option<u32>,
     /// Shutdown has begun: new requests get ESHUTDOWN.
     draining: bool,
     stats: Stats,
@@ -173,6 +175,7 @@ where
         output: SendBuffer::new(SEND_CAPACITY)?,
         ongoing: None,
         disconnected: false,
+        out_of_sync: None,
         draining: false,
         stats: Stats::default(),
         metrics: metrics.as_deref(),
@@ -196,7 +199,7 @@ where
                 }
             }
         }
-        let produced = conn.produce()?;
+        let produced = conn.produce();
         let unsent = conn.output.has_unsent();
         let finished =
             produced == Produced::Disconnect || (end_of_input && produced == Produced::NeedInput);
@@ -213,6 +216,12 @@ where
                     while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
                 })
                 .await;
+            }
+            if let Some(magic) = conn.out_of_sync {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad request magic {magic:#x}: stream out of sync"),
+                ));
             }
             return Ok(conn.stats);
         }
@@ -249,41 +258,42 @@ where
 
 impl<'a> Connection<'a> {
     /// Turns received requests into replies until the send buffer is full, more input is
-    /// needed, a long request yields, or the client disconnects. Errors only for a stream out
-    /// of sync.
-    fn produce(&mut self) -> io::Result<Produced> {
+    /// needed, a long request yields, or the client disconnects (or its stream falls out of
+    /// sync).
+    fn produce(&mut self) -> Produced {
         loop {
             if self.output.encoded() >= SEND_BATCH {
-                return Ok(Produced::SendBufferFull);
+                return Produced::SendBufferFull;
             }
             if let Some(ongoing) = self.ongoing.take() {
                 if let Some(wait) = self.advance(ongoing) {
-                    return Ok(wait);
+                    return wait;
                 }
                 continue;
             }
             if self.disconnected {
-                return Ok(Produced::Disconnect);
+                return Produced::Disconnect;
             }
-            if let Some(wait) = self.next_request()? {
-                return Ok(wait);
+            if let Some(wait) = self.next_request() {
+                return wait;
             }
         }
     }
 
     /// Decodes and starts the request at the front of the receive buffer.
-    fn next_request(&mut self) -> io::Result<Option<Produced>> {
+    fn next_request(&mut self) -> Option<Produced> {
         let (request, header_len) = match decode_request(self.input.filled(), self.extended()) {
             Decoded::Request {
                 request,
                 header_len,
             } => (request, header_len),
-            Decoded::Incomplete => return Ok(Some(Produced::NeedInput)),
+            Decoded::Incomplete => return Some(Produced::NeedInput),
             Decoded::BadMagic(magic) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad request magic {magic:#x}: stream out of sync"),
-                ));
+                // The stream is out of sync and nothing more can be read from it; the replies
+                // to the requests before are still sent, then the connection ends.
+                self.out_of_sync = Some(magic);
+                self.disconnected = true;
+                return Some(Produced::Disconnect);
             }
         };
         // A payload up to WHOLE_PAYLOAD is waited for whole, header included, so the request
@@ -293,7 +303,7 @@ impl<'a> Connection<'a> {
             let total = header_len + request.payload_len as usize;
             if self.input.len() < total {
                 self.input.make_room_for(total);
-                return Ok(Some(Produced::NeedInput));
+                return Some(Produced::NeedInput);
             }
         }
         self.input.consume(header_len);
@@ -308,7 +318,7 @@ impl<'a> Connection<'a> {
         if request.command == CMD_DISC {
             tracing::debug!("client disconnect (DISC)");
             self.disconnected = true;
-            return Ok(Some(Produced::Disconnect));
+            return Some(Produced::Disconnect);
         }
         let command = if self.draining {
             Err(Failure(Errno::Shutdown, "server is shutting down"))
@@ -329,7 +339,7 @@ impl<'a> Connection<'a> {
                 });
             }
         }
-        Ok(None)
+        None
     }
 
     /// Executes a checked request: at once, or by setting up its [`Ongoing`] work.
