@@ -442,5 +442,8 @@ async fn a_bad_magic_still_gets_the_replies_before_it_sent() {
         assert_eq!((error, cookie, data.len()), (0, i, 64 * 1024));
     }
     assert!(client.closed().await);
-    assert!(session.await.unwrap().is_none(), "ends as an error: out of sync");
+    assert!(
+        session.await.unwrap().is_none(),
+        "ends as an error: out of sync"
+    );
 }
