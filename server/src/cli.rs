@@ -93,6 +93,13 @@ pub struct Cli {
     #[arg(long)]
     pub hugepages: bool,
 
+    /// Where export bytes live: anonymous (memory that dies with the process), memfd (a file
+    /// in RAM that a service manager's file-descriptor store can keep across restarts), or
+    /// auto: memfd when NOTIFY_SOCKET is set (under systemd), anonymous otherwise. Default:
+    /// auto.
+    #[arg(long, value_name = "KIND")]
+    pub backing: Option<String>,
+
     /// Log level or filter (error, warn, info, debug, trace, or a RUST_LOG-style directive).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,

@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use flags::parse_export;
-pub use value::{check_log_level, format_size, parse_duration, parse_size};
+pub use value::{check_log_level, format_size, parse_backing, parse_duration, parse_size};
 
 use crate::cli::Cli;
 use crate::proto::consts::MAX_STRING;
+use crate::ramdisk::BackingKind;
 use value::tcp_collide;
 
 /// The default listener: loopback only, the IANA NBD port.
@@ -109,6 +110,35 @@ pub struct MemoryConfig {
     pub mlock: bool,
     /// Ask for transparent huge pages.
     pub hugepages: bool,
+    /// Where export bytes live.
+    pub backing: BackingChoice,
+}
+
+/// The `backing` setting: where export bytes live (DESIGN.md, "Backing memory").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BackingChoice {
+    /// Private anonymous memory: gone with the process.
+    Anonymous,
+    /// A memfd, which a service manager's file-descriptor store can keep across a restart.
+    Memfd,
+    /// A memfd when running under a service manager that may keep it (`NOTIFY_SOCKET` is
+    /// set), anonymous memory otherwise: outside one nothing can keep a memfd alive anyway.
+    #[default]
+    Auto,
+}
+
+impl BackingChoice {
+    /// The backing to use, given the process environment (`var` looks a variable up).
+    pub fn resolve(self, var: impl Fn(&str) -> Option<std::ffi::OsString>) -> BackingKind {
+        match self {
+            BackingChoice::Anonymous => BackingKind::Anonymous,
+            BackingChoice::Memfd => BackingKind::Memfd,
+            BackingChoice::Auto if var("NOTIFY_SOCKET").is_some_and(|v| !v.is_empty()) => {
+                BackingKind::Memfd
+            }
+            BackingChoice::Auto => BackingKind::Anonymous,
+        }
+    }
 }
 
 /// A place to listen.

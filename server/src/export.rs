@@ -5,7 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::config::{ExportConfig, MemoryConfig};
-use crate::ramdisk::{BackingKind, MemoryBudget, MemoryOptions, RamDisk};
+use crate::ramdisk::{MemoryBudget, MemoryOptions, RamDisk};
 
 /// One named export: a RAM region plus the attributes clients see.
 #[derive(Debug)]
@@ -31,7 +31,7 @@ impl Export {
             budgets: own.into_iter().chain(global.cloned()).collect(),
             mlock: memory.mlock,
             hugepages: memory.hugepages,
-            backing: BackingKind::Anonymous,
+            backing: memory.backing.resolve(|name| std::env::var_os(name)),
             name: config.name.clone(),
         };
         Ok(Self {

@@ -16,7 +16,9 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::value::{self, HOST_PORT_FIX, check_host_port, check_log_level, parse_duration};
+use super::value::{
+    self, HOST_PORT_FIX, check_host_port, check_log_level, parse_backing, parse_duration,
+};
 use super::{Config, ConfigError, ExportConfig, FileError, ListenAddr, Origin};
 
 /// Where the service looks when `--config` is not given (used only if it exists).
@@ -26,7 +28,7 @@ pub const DEFAULT_PATH: &str = "/etc/ramnbd/ramnbd.toml";
 const SECTIONS: &[&str] = &["listen", "export", "memory", "logging", "metrics", "server"];
 const LISTEN_KEYS: &[&str] = &["tcp", "unix"];
 const EXPORT_KEYS: &[&str] = &["name", "size", "read-only", "description", "max-memory"];
-const MEMORY_KEYS: &[&str] = &["max-memory", "mlock", "hugepages"];
+const MEMORY_KEYS: &[&str] = &["max-memory", "mlock", "hugepages", "backing"];
 const LOGGING_KEYS: &[&str] = &["level"];
 const METRICS_KEYS: &[&str] = &["listen"];
 const SERVER_KEYS: &[&str] = &["max-connections", "shutdown-grace"];
@@ -44,6 +46,9 @@ const SIZE_FIX: &str = "write a size with binary units in quotes, such as \"512M
                         \"1T\", or a whole number of bytes";
 const DURATION_FIX: &str = "write a duration such as \"10s\", \"500ms\" or \"1m30s\", or a \
                             number of seconds";
+const BACKING_FIX: &str = "use \"anonymous\" (memory that dies with the process), \"memfd\" \
+                           (memory a service manager can keep across restarts) or \"auto\" \
+                           (memfd under a service manager, the default)";
 const LOG_FIX: &str = "use error, warn, info, debug or trace, or a RUST_LOG-style filter such \
                        as \"info,ramnbd=debug\"";
 
@@ -109,6 +114,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         config.memory.hugepages = memory
             .optional("hugepages", Item::boolean)?
             .unwrap_or(false);
+        if let Some(backing) = memory.get("backing") {
+            let text = backing.string()?;
+            config.memory.backing =
+                parse_backing(text).map_err(|reason| backing.error(&reason, BACKING_FIX))?;
+        }
     }
 
     if let Some(logging) = root.get("logging")

@@ -2,7 +2,7 @@
 //! flags that set a value record themselves as its [`Origin`], so that
 //! [`Config::validate`] names the flag when that value is wrong.
 
-use super::value::{check_host_port, check_log_level, parse_duration, parse_size};
+use super::value::{check_host_port, check_log_level, parse_backing, parse_duration, parse_size};
 use super::{Config, ConfigError, ExportConfig, ListenAddr, Origin};
 use crate::cli::Cli;
 
@@ -45,6 +45,10 @@ impl Config {
         }
         self.memory.mlock |= cli.mlock;
         self.memory.hugepages |= cli.hugepages;
+        if let Some(text) = &cli.backing {
+            self.memory.backing =
+                parse_backing(text).map_err(|reason| flag_error("--backing", text, reason))?;
+        }
         if let Some(level) = cli.log_level {
             check_log_level(&level).map_err(|reason| flag_error("--log-level", &level, reason))?;
             self.log_level = Some(level);

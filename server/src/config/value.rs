@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use super::ConfigError;
+use super::{BackingChoice, ConfigError};
 
 /// The longest shutdown grace period: far past any service manager's stop timeout.
 const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -70,6 +70,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn out_of_range() -> String {
     "out of range (at most a day)".to_owned()
+}
+
+/// Parses the `backing` setting.
+pub fn parse_backing(text: &str) -> Result<BackingChoice, String> {
+    match text {
+        "anonymous" => Ok(BackingChoice::Anonymous),
+        "memfd" => Ok(BackingChoice::Memfd),
+        "auto" => Ok(BackingChoice::Auto),
+        _ => Err(format!(
+            "unknown backing {text:?}; expected \"anonymous\", \"memfd\" or \"auto\""
+        )),
+    }
 }
 
 /// Checks a log level or `RUST_LOG`-style filter.

@@ -1,5 +1,6 @@
 use super::*;
-use crate::config::{MemoryConfig, parse_duration};
+use crate::config::{BackingChoice, MemoryConfig, parse_duration};
+use crate::ramdisk::BackingKind;
 
 fn parse_str(text: &str) -> Result<Config, ConfigError> {
     parse(Path::new("/etc/ramnbd/test.toml"), text)
@@ -32,6 +33,7 @@ read-only = true
 max-memory = "20G"
 mlock = true
 hugepages = true
+backing = "memfd"
 
 [logging]
 level = "debug"
@@ -64,7 +66,8 @@ shutdown-grace = "2500ms"
         MemoryConfig {
             max_memory: Some(20 << 30),
             mlock: true,
-            hugepages: true
+            hugepages: true,
+            backing: BackingChoice::Memfd,
         }
     );
     assert_eq!(c.log_level.as_deref(), Some("debug"));
@@ -493,4 +496,55 @@ fn humantime_durations() {
     );
     assert!(parse_duration("-1").is_err());
     assert!(parse_duration("nan").is_err());
+}
+
+#[test]
+fn the_backing_setting() {
+    assert_eq!(
+        parse_str("").unwrap().memory.backing,
+        BackingChoice::Auto,
+        "the default"
+    );
+    let c = parse_str("[memory]\nbacking = \"anonymous\"\n").unwrap();
+    assert_eq!(c.memory.backing, BackingChoice::Anonymous);
+    let e = error("[memory]\nbacking = \"shm\"\n");
+    assert!(
+        e.starts_with("/etc/ramnbd/test.toml:2:11: memory.backing: unknown backing \"shm\""),
+        "{e}"
+    );
+    assert!(e.contains("fix: use \"anonymous\""), "{e}");
+    let e = error("[memory]\nbacking = true\n");
+    assert!(e.contains("memory.backing: invalid type"), "{e}");
+    // The flag replaces the file's value, and is checked the same way.
+    let c = c.apply_cli(cli(&["--backing", "memfd"])).unwrap();
+    assert_eq!(c.memory.backing, BackingChoice::Memfd);
+    let e = Config::builtin()
+        .apply_cli(cli(&["--backing", "ram"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--backing") && e.contains("\"ram\""), "{e}");
+}
+
+#[test]
+fn auto_backing_is_a_memfd_only_under_a_service_manager() {
+    let env = |set: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            set.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.into())
+        }
+    };
+    let auto = BackingChoice::Auto;
+    assert_eq!(auto.resolve(env(&[])), BackingKind::Anonymous);
+    assert_eq!(
+        auto.resolve(env(&[("NOTIFY_SOCKET", "")])),
+        BackingKind::Anonymous
+    );
+    let systemd = env(&[("NOTIFY_SOCKET", "/run/systemd/notify"), ("FDSTORE", "8")]);
+    assert_eq!(auto.resolve(systemd), BackingKind::Memfd);
+    assert_eq!(
+        BackingChoice::Anonymous.resolve(systemd),
+        BackingKind::Anonymous
+    );
+    assert_eq!(BackingChoice::Memfd.resolve(env(&[])), BackingKind::Memfd);
 }
