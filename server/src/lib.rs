@@ -5,8 +5,8 @@
 //! * [`config`] — validated configuration: the TOML file ([`config::file`]) with the command
 //!   line on top.
 //! * [`export`] — named exports and the transmission flags they advertise.
-//! * [`ramdisk`] — the RAM store: anonymous mapping, chunk locks, allocation map. The only
-//!   module with `unsafe` code.
+//! * [`ramdisk`] — the RAM store: anonymous or memfd mapping, chunk locks, allocation map. The
+//!   only module with `unsafe` code.
 //! * [`proto`] — the wire protocol without I/O: constants, errno values, option payloads,
 //!   request decoding and reply encoding.
 //! * [`session`] — one connection: handshake, then pipelined transmission.

@@ -23,8 +23,8 @@
 //!   export). A copy out holds the chunk's read lock; a copy in, a zero fill, a zero check and
 //!   a page discard hold its write lock. No reference into the mapping outlives one such call.
 //! * The unsafe calls that change memory underneath (`Backing::discard`, `os::drop_pages`,
-//!   `os::punch_hole`) are
-//!   `unsafe fn`s whose contract — exclusive access to the range — only a write guard can meet.
+//!   `os::punch_hole`) are `unsafe fn`s whose contract — exclusive access to the range — only a
+//!   write guard can meet.
 //!   The other system calls (mlock, munlock, mincore) read or change no data and are wrapped
 //!   as safe functions that check their range.
 //! * The allocation map is atomics only, so any access is sound; consistency between a bit and
@@ -162,9 +162,10 @@ impl RamDisk {
     /// byte of it is data). Its held pages count against `options.budgets`; the backing kind
     /// and name in `options` are ignored (the file is a memfd already).
     ///
-    /// Fails, leaving the file as it was, if `fd` is not a regular file of exactly `size`
+    /// Fails, leaving the data as they were, if `fd` is not a regular file of exactly `size`
     /// rounded up to whole pages that can be sealed against size changes, or if its data
-    /// exceed a memory cap.
+    /// exceed a memory cap. With `options.mlock`, the adopted pages are locked as they are next
+    /// touched (`MLOCK_ONFAULT`), not here.
     pub fn adopt(fd: OwnedFd, size: u64, options: &MemoryOptions) -> io::Result<Self> {
         let map = Self::empty_map(size)?;
         let backing = Memfd::adopt(fd, size, Policy::of(options))?;
@@ -184,7 +185,7 @@ impl RamDisk {
                 io::ErrorKind::OutOfMemory,
                 format!(
                     "the adopted memfd holds {} bytes of data, more than a memory cap allows \
-                     ({}): raise max-memory",
+                     ({}): raise max-memory (the server's or the export's)",
                     held * PAGE_SIZE,
                     caps.join(", ")
                 ),
