@@ -1,7 +1,8 @@
 //! The memory model: zero writes cost nothing, only data pages are allocated, the memory cap
-//! refuses writes cleanly and recovers after TRIM, mlock locks pages or explains the limit, and
-//! block status follows what the store holds (checked against a model with the raw client and
-//! with Debian 12's and Debian 13's `nbdinfo --map`).
+//! refuses writes cleanly and recovers after TRIM, mlock locks pages or explains the limit, the
+//! memfd backing keeps data in shmem and gives it back on TRIM, and block status follows what
+//! the store holds (checked against a model with the raw client and with Debian 12's and
+//! Debian 13's `nbdinfo --map`).
 
 use std::process::Command;
 
@@ -251,6 +252,55 @@ fn mlock_locks_pages_and_a_low_limit_is_explained() {
             "error does not mention {needle}: {stderr}"
         );
     }
+}
+
+#[test]
+fn the_memfd_backing_holds_data_in_shmem_and_trim_frees_it() {
+    let server = Server::start(&["--backing", "memfd", "-s", "256M"]);
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid())).unwrap();
+    let memfds = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|link| link.to_string_lossy().starts_with("/memfd:ramnbd:"))
+        .count();
+    assert_eq!(memfds, 1, "one memfd for the one export");
+    let mut client = Negotiate::new("").go(&server.unix());
+    let before = status_value(&server, "RssShmem:");
+    write_chunks(&mut client, 0, 32 * MIB, |i| random_bytes(i, MIB as usize));
+    let filled = status_value(&server, "RssShmem:");
+    assert!(
+        filled >= before + 32 * MIB,
+        "RssShmem grew by {} KiB for 32 MiB of data",
+        (filled - before) / 1024
+    );
+    assert!(
+        status_value(&server, "RssAnon:") < 16 * MIB,
+        "the data went to anonymous memory"
+    );
+    let data: Vec<u8> = (0..4).flat_map(|i| random_bytes(i, MIB as usize)).collect();
+    assert_reads(&mut client, 0, &data, "read back");
+    // TRIM punches holes: the shmem pages go back.
+    client.trim(0, 32 * MIB).expect("trim");
+    let trimmed = status_value(&server, "RssShmem:");
+    assert!(
+        trimmed + 30 * MIB <= filled,
+        "trim freed only {} KiB",
+        (filled - trimmed) / 1024
+    );
+    assert_reads(&mut client, 0, &vec![0; MIB as usize], "read after trim");
+
+    // The default, auto, is anonymous memory outside a service manager (the server inherits
+    // this process's environment).
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        return;
+    }
+    let plain = Server::start(&["-s", "64M"]);
+    let mut client = Negotiate::new("").go(&plain.unix());
+    write_chunks(&mut client, 0, 8 * MIB, |i| random_bytes(i, MIB as usize));
+    assert!(
+        status_value(&plain, "RssShmem:") < MIB,
+        "auto used shmem without a service manager"
+    );
 }
 
 /// A model of what the store holds per 4 KiB page: data or a hole.
