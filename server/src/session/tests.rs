@@ -904,3 +904,70 @@ async fn real_sockets_are_handed_over_as_file_descriptors() {
     };
     hand_over_a_socket(client, old, serving, resume).await;
 }
+
+#[tokio::test]
+async fn the_server_collects_suspended_connections_and_a_second_one_adopts_them() {
+    use std::time::Duration;
+
+    use crate::server::{self, Listener, ServeOptions};
+
+    let exports = exports(MIB);
+    let options = ServeOptions {
+        max_connections: 4,
+        shutdown_grace: Duration::from_secs(5),
+        metrics: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let old = Shutdown::new();
+    let first = tokio::spawn(server::serve(
+        vec![Listener::Tcp(listener)],
+        Arc::clone(&exports),
+        options.clone(),
+        old.clone(),
+    ));
+    let mut clients = Vec::new();
+    for i in 0..3u8 {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut client = Client { stream };
+        client.go(false).await;
+        let mut write = Client::request(CMD_WRITE, 0, 1, u64::from(i) * 4096, 4096);
+        write.extend([i + 1; 4096]);
+        client.send(&write).await;
+        assert_eq!(client.simple_reply(0).await, (0, 1, vec![]));
+        clients.push(client);
+    }
+    // A request sent just before the hand-over: the old server or the new one answers it.
+    clients[0]
+        .send(&Client::request(CMD_READ, 0, 2, 4096, 4096))
+        .await;
+    old.hand_over();
+    let handed_over = first.await.unwrap();
+    assert_eq!(handed_over.len(), 3, "every connection handed over");
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "listener closed"
+    );
+
+    let new = Shutdown::new();
+    let second = tokio::spawn(server::serve_adopting(
+        Vec::new(),
+        handed_over,
+        Arc::clone(&exports),
+        options,
+        new.clone(),
+    ));
+    assert_eq!(clients[0].simple_reply(4096).await, (0, 2, vec![2; 4096]));
+    for (i, client) in clients.iter_mut().enumerate() {
+        let offset = ((i + 1) % 3) as u64 * 4096;
+        client
+            .send(&Client::request(CMD_READ, 0, 3, offset, 4096))
+            .await;
+        let expected = vec![((i + 1) % 3) as u8 + 1; 4096];
+        assert_eq!(client.simple_reply(4096).await, (0, 3, expected));
+        client.send(&Client::request(CMD_DISC, 0, 4, 0, 0)).await;
+        assert!(client.closed().await);
+    }
+    new.advance(Phase::Stopping);
+    assert!(second.await.unwrap().is_empty(), "nothing handed over");
+}
