@@ -1,7 +1,7 @@
 //! Whole sessions in-process: a client speaks raw NBD over an in-memory stream
 //! (`tokio::io::duplex`) to `negotiate` + `transmit`, with tokio's clock paused where time
-//! matters. No sockets, no sleeps: what these tests assert does not depend on the machine's
-//! speed.
+//! matters. No sleeps: what these tests assert does not depend on the machine's speed. The
+//! hand-over tests at the end also pass real sockets (TCP and Unix) on as file descriptors.
 
 use std::sync::Arc;
 
@@ -803,25 +803,31 @@ async fn a_session_is_not_resumed_onto_an_export_that_changed() {
 /// and the encoded state.
 type Stored = (std::os::fd::OwnedFd, Vec<u8>);
 
-/// Drives a session over a real socket through a hand-over: a WRITE answered, then half a
-/// READ sent before the hand-over and the rest after; the resumed session answers the READ
-/// with the data written, then DISC.
+/// Drives a session over a real socket through a hand-over: a WRITE and the first 10 bytes of
+/// a READ sent together, the WRITE answered, the hand-over, the rest of the READ; the resumed
+/// session answers the READ with the data written, then DISC. `pending`: how many bytes the
+/// state must carry (for Unix sockets, where one write is one read: the 10).
 async fn hand_over_a_socket<S: AsyncRead + AsyncWrite + Unpin>(
     client: S,
     old: Shutdown,
     serving: JoinHandle<Stored>,
+    pending: Option<usize>,
     resume: impl FnOnce(Stored) -> JoinHandle<Option<()>>,
 ) {
     let mut client = Client { stream: client };
     client.go(false).await;
-    let mut write = Client::request(CMD_WRITE, 0, 1, 0, 4096);
-    write.extend([3u8; 4096]);
-    client.send(&write).await;
-    assert_eq!(client.simple_reply(0).await, (0, 1, vec![]));
     let read = Client::request(CMD_READ, 0, 2, 0, 4096);
-    client.send(&read[..10]).await;
+    let mut bytes = Client::request(CMD_WRITE, 0, 1, 0, 4096);
+    bytes.extend([3u8; 4096]);
+    bytes.extend(&read[..10]);
+    client.send(&bytes).await;
+    assert_eq!(client.simple_reply(0).await, (0, 1, vec![]));
     old.hand_over();
     let stored = serving.await.unwrap();
+    if let Some(pending) = pending {
+        let state = Suspended::decode(&stored.1).unwrap();
+        assert_eq!(state.pending, read[..pending]);
+    }
     let resumed = resume(stored);
     client.send(&read[10..]).await;
     assert_eq!(client.simple_reply(4096).await, (0, 2, vec![3u8; 4096]));
@@ -869,7 +875,7 @@ async fn real_sockets_are_handed_over_as_file_descriptors() {
             ended.await.map(|_| ())
         })
     };
-    hand_over_a_socket(client, old, serving, resume).await;
+    hand_over_a_socket(client, old, serving, Some(10), resume).await;
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = TcpStream::connect(listener.local_addr().unwrap())
@@ -902,7 +908,7 @@ async fn real_sockets_are_handed_over_as_file_descriptors() {
             ended.await.map(|_| ())
         })
     };
-    hand_over_a_socket(client, old, serving, resume).await;
+    hand_over_a_socket(client, old, serving, None, resume).await;
 }
 
 #[tokio::test]
