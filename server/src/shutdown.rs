@@ -95,6 +95,9 @@ impl Shutdown {
     /// Sessions in transmission suspend at a request boundary instead of draining (see the
     /// module's documentation); everything else proceeds as from [`Phase::Stopping`], and
     /// later phases (a timeout, a further signal) still close what has not suspended yet.
+    /// Call it instead of the stop's first step: after a plain stop has begun, sessions wake
+    /// for no phase change, so they would see it only at their next turn, with some requests
+    /// already refused.
     pub fn hand_over(&self) {
         self.handing_over.store(true, Ordering::Release);
         self.advance(Phase::Stopping);
