@@ -683,6 +683,26 @@ async fn a_streaming_write_completes_before_the_session_suspends() {
     assert_eq!(data[4096..], [0u8; 4096]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn closing_closes_a_session_that_a_hand_over_could_not_bring_to_a_boundary() {
+    // The client stalls in the middle of a streaming write's payload: the hand-over cannot
+    // complete it, and when closing begins the session closes as in any stop.
+    let exports = exports(64 * MIB);
+    let old = Shutdown::new();
+    let (mut client, session) = start_suspendable(&exports, &old);
+    client.go(false).await;
+    client
+        .send(&Client::request(CMD_WRITE, 0, 1, 0, 8 << 20))
+        .await;
+    client.send(&vec![7u8; 2 << 20]).await;
+    old.hand_over();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    old.advance(Phase::Closing);
+    let (_, handed_over) = session.await.unwrap().expect("a transmission");
+    assert!(handed_over.is_none(), "closed, not handed over");
+    assert!(client.closed().await);
+}
+
 #[tokio::test]
 async fn structured_and_extended_sessions_keep_their_format_and_context_after_resuming() {
     for extended in [false, true] {
