@@ -40,11 +40,13 @@ fi
 cargo "${toolchain[@]}" fuzz build -a
 
 # Per target: the longest input. Sessions stay small so each run is fast; the option parser
-# needs room for a 4096-byte name.
-declare -A max_len=([request_decoder]=256 [option_parser]=8192 [session]=16384)
+# needs room for a 4096-byte name, and so does a suspended session's state.
+declare -A max_len=([request_decoder]=256 [option_parser]=8192 [session]=16384
+                  [suspended_state]=8192)
 mkdir -p logs
 failed=()
-for target in request_decoder option_parser session; do
+targets=(request_decoder option_parser session suspended_state)
+for target in "${targets[@]}"; do
     mkdir -p "generated/$target"
     log="logs/$target.log"
     echo "run.sh: $target for ${seconds}s (log: fuzz/$log)"
@@ -64,7 +66,7 @@ for target in request_decoder option_parser session; do
 done
 
 # The suite's tally: a target passes when its run found nothing.
-echo "$((3 - ${#failed[@]})) passed, ${#failed[@]} failed"
+echo "$((${#targets[@]} - ${#failed[@]})) passed, ${#failed[@]} failed"
 if [ ${#failed[@]} -ne 0 ]; then
     echo "run.sh: failures in: ${failed[*]}" >&2
     exit 1

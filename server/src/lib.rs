@@ -14,10 +14,12 @@
 //! * [`shutdown`] — the phases of a graceful stop, shared by listeners and sessions.
 //! * [`systemd`] — socket activation (`LISTEN_FDS`) and readiness notification (`sd_notify`).
 //! * [`metrics`] — request and connection counters, served in the Prometheus text format.
+//! * [`handover`] — handed-over connections passed to another process over a Unix socket.
 
 pub mod cli;
 pub mod config;
 pub mod export;
+pub mod handover;
 pub mod metrics;
 pub mod proto;
 pub mod ramdisk;

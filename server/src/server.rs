@@ -1,10 +1,13 @@
 //! Listeners and the accept loop: every connection gets its own task, a tracing span with its
 //! peer and export, and a slot under the connection cap; shutdown stops accepting and lets
-//! sessions finish what they started.
+//! sessions finish what they started. A hand-over ([`Shutdown::hand_over`]) collects the
+//! connections the sessions suspended, as sockets and states for the next process, which
+//! adopts them with [`serve_adopting`].
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -15,7 +18,7 @@ use tracing::Instrument;
 use crate::config::ListenAddr;
 use crate::export::Exports;
 use crate::metrics::Metrics;
-use crate::session;
+use crate::session::{self, HandedOver, Suspended};
 use crate::shutdown::{self, CLOSE_FLUSH, Phase, Shutdown};
 use crate::systemd::{Inherited, InheritedSocket};
 
@@ -137,28 +140,77 @@ pub struct ServeOptions {
     pub metrics: Option<Arc<Metrics>>,
 }
 
+/// A connection in transmission, suspended by a hand-over or to be resumed: its socket (a
+/// connected TCP or Unix stream socket, outside any runtime) and its session's state.
+#[derive(Debug)]
+pub struct SuspendedConnection {
+    pub socket: OwnedFd,
+    pub state: Suspended,
+}
+
+/// The connections handed over so far, filled by the sessions as they suspend.
+type HandedOverList = Arc<Mutex<Vec<SuspendedConnection>>>;
+
 /// Accepts on every listener until shutdown starts, then gives sessions the grace period to
 /// finish the requests they have read (see [`crate::shutdown`]). Returns when every session
-/// has ended or the grace period is over.
+/// has ended or the grace period is over, with the connections a hand-over suspended (none
+/// unless [`Shutdown::hand_over`] was called).
 pub async fn serve(
     listeners: Vec<Listener>,
     exports: Arc<Exports>,
     options: ServeOptions,
     shutdown: Shutdown,
-) {
+) -> Vec<SuspendedConnection> {
+    serve_adopting(listeners, Vec::new(), exports, options, shutdown).await
+}
+
+/// Like [`serve`], first resuming `adopted`: connections a previous process handed over.
+/// Each is served like an accepted one, under the connection cap if a slot is free (they
+/// were accepted under the previous process's cap, so one is not refused for lack of it).
+pub async fn serve_adopting(
+    listeners: Vec<Listener>,
+    adopted: Vec<SuspendedConnection>,
+    exports: Arc<Exports>,
+    options: ServeOptions,
+    shutdown: Shutdown,
+) -> Vec<SuspendedConnection> {
     // Sessions and accept loops are tracked apart, so that what is logged as active is
     // connections only.
     let tracker = TaskTracker::new();
     let accepting = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
+    let handed_over = HandedOverList::default();
+    for connection in adopted {
+        let slot = Arc::clone(&slots).try_acquire_owned().ok();
+        if slot.is_none() {
+            tracing::warn!("adopted connection beyond the connection cap: served anyway");
+        }
+        let session = Session {
+            exports: Arc::clone(&exports),
+            shutdown: shutdown.clone(),
+            metrics: options.metrics.clone(),
+            handed_over: Arc::clone(&handed_over),
+        };
+        let span = tracing::info_span!("conn", peer = "adopted", export = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                session.run(Start::Resume(connection)).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
     for listener in listeners {
         let accept = accept_loop(
             listener,
-            Arc::clone(&exports),
             Arc::clone(&slots),
             tracker.clone(),
-            shutdown.clone(),
-            options.metrics.clone(),
+            Session {
+                exports: Arc::clone(&exports),
+                shutdown: shutdown.clone(),
+                metrics: options.metrics.clone(),
+                handed_over: Arc::clone(&handed_over),
+            },
         );
         accepting.spawn(accept);
     }
@@ -207,16 +259,123 @@ pub async fn serve(
             }
         }
     }
+    let handed_over = std::mem::take(&mut *handed_over.lock().expect("never poisoned"));
+    if !handed_over.is_empty() {
+        tracing::info!(connections = handed_over.len(), "connections handed over");
+    }
+    handed_over
+}
+
+/// What every session task of a server shares.
+#[derive(Debug, Clone)]
+struct Session {
+    exports: Arc<Exports>,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
+    handed_over: HandedOverList,
+}
+
+/// How a session task begins.
+enum Start {
+    Accepted(Stream),
+    Resume(SuspendedConnection),
+}
+
+impl Session {
+    /// Runs one connection to its end; a connection a hand-over suspends is added to the
+    /// server's list of those handed over.
+    async fn run(self, start: Start) {
+        let counted = self.metrics.as_ref().map(|m| m.connection());
+        let (stream, state) = match start {
+            Start::Accepted(stream) => (stream, None),
+            Start::Resume(SuspendedConnection { socket, state }) => match Stream::adopt(socket) {
+                Ok(stream) => (stream, Some(state)),
+                Err(err) => {
+                    tracing::warn!(cause = %err, "cannot adopt a handed-over connection");
+                    return;
+                }
+            },
+        };
+        let Session {
+            exports,
+            shutdown,
+            metrics,
+            handed_over,
+        } = self;
+        let suspended = match stream {
+            Stream::Tcp(stream) => {
+                let (reader, writer) = stream.into_split();
+                let ended = serve_or_resume(reader, writer, state, exports, shutdown, metrics);
+                ended.await.map(
+                    |HandedOver {
+                         reader,
+                         writer,
+                         state,
+                     }| {
+                        let socket = reader.reunite(writer).map_err(|_| unpaired());
+                        (socket.and_then(|s| s.into_std()).map(OwnedFd::from), state)
+                    },
+                )
+            }
+            Stream::Unix(stream) => {
+                let (reader, writer) = stream.into_split();
+                let ended = serve_or_resume(reader, writer, state, exports, shutdown, metrics);
+                ended.await.map(
+                    |HandedOver {
+                         reader,
+                         writer,
+                         state,
+                     }| {
+                        let socket = reader.reunite(writer).map_err(|_| unpaired());
+                        (socket.and_then(|s| s.into_std()).map(OwnedFd::from), state)
+                    },
+                )
+            }
+        };
+        match suspended {
+            None => {}
+            Some((Ok(socket), state)) => {
+                let connection = SuspendedConnection { socket, state };
+                handed_over.lock().expect("never poisoned").push(connection);
+            }
+            Some((Err(err), _)) => {
+                tracing::warn!(cause = %err, "cannot take a suspended socket out of the runtime");
+            }
+        }
+        drop(counted);
+    }
+}
+
+/// A new session, or a resumed one if there is a state.
+async fn serve_or_resume<R, W>(
+    reader: R,
+    writer: W,
+    state: Option<Suspended>,
+    exports: Arc<Exports>,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
+) -> Option<HandedOver<R, W>>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match state {
+        None => session::serve(reader, writer, exports, shutdown, metrics).await,
+        Some(state) => session::resume(reader, writer, state, exports, shutdown, metrics).await,
+    }
+}
+
+fn unpaired() -> io::Error {
+    io::Error::other("stream halves of different sockets")
 }
 
 async fn accept_loop(
     listener: Listener,
-    exports: Arc<Exports>,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
-    shutdown: Shutdown,
-    metrics: Option<Arc<Metrics>>,
+    session: Session,
 ) {
+    let shutdown = session.shutdown.clone();
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("semaphore never closed"),
@@ -236,24 +395,11 @@ async fn accept_loop(
             }
         };
         let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
-        let exports = Arc::clone(&exports);
-        let shutdown = shutdown.clone();
-        let metrics = metrics.clone();
+        let session = session.clone();
         tracker.spawn(
             async move {
                 tracing::debug!("accepted");
-                let counted = metrics.as_ref().map(|m| m.connection());
-                match stream {
-                    Stream::Tcp(stream) => {
-                        let (reader, writer) = stream.into_split();
-                        session::serve(reader, writer, exports, shutdown, metrics).await;
-                    }
-                    Stream::Unix(stream) => {
-                        let (reader, writer) = stream.into_split();
-                        session::serve(reader, writer, exports, shutdown, metrics).await;
-                    }
-                }
-                drop(counted);
+                session.run(Start::Accepted(stream)).await;
                 drop(slot);
             }
             .instrument(span),
@@ -264,6 +410,31 @@ async fn accept_loop(
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl Stream {
+    /// A connected socket passed on from another process (call inside the runtime): TCP or
+    /// Unix by the socket's own address family.
+    fn adopt(socket: OwnedFd) -> io::Result<Stream> {
+        use rustix::net::{AddressFamily, sockopt};
+        match sockopt::socket_domain(&socket)? {
+            AddressFamily::INET | AddressFamily::INET6 => {
+                let stream = std::net::TcpStream::from(socket);
+                stream.set_nonblocking(true)?;
+                stream.set_nodelay(true)?;
+                Ok(Stream::Tcp(TcpStream::from_std(stream)?))
+            }
+            AddressFamily::UNIX => {
+                let stream = std::os::unix::net::UnixStream::from(socket);
+                stream.set_nonblocking(true)?;
+                Ok(Stream::Unix(UnixStream::from_std(stream)?))
+            }
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not a TCP or Unix socket (address family {other:?})"),
+            )),
+        }
+    }
 }
 
 /// Accepts one connection. TCP gets TCP_NODELAY: replies are small and latency-bound.
