@@ -14,7 +14,7 @@ use ramnbd::export::Exports;
 use ramnbd::metrics::{self, Metrics};
 use ramnbd::server::{self, ServeOptions};
 use ramnbd::shutdown::{Phase, Shutdown};
-use ramnbd::systemd::{self, Inherited};
+use ramnbd::systemd::{self, Passed};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_appender::non_blocking::WorkerGuard;
@@ -49,8 +49,8 @@ fn main() -> anyhow::Result<ExitCode> {
         );
     }
     // Before any thread exists: listenfd removes LISTEN_FDS/LISTEN_PID from the environment.
-    let inherited = systemd::take_activation()?;
-    if inherited.is_some() && listen_flags {
+    let passed = systemd::take_passed()?;
+    if !passed.listeners.is_empty() && listen_flags {
         anyhow::bail!(
             "--listen and --unix cannot be used under socket activation (LISTEN_FDS is set): \
              the sockets passed by the service manager are served; drop the flags or the \
@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<ExitCode> {
         .thread_name("ramnbd")
         .build()
         .context("starting the async runtime")?
-        .block_on(run(config, inherited))?;
+        .block_on(run(config, passed))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -173,7 +173,11 @@ fn log_memory(exports: &Exports, what: &str) {
     }
 }
 
-async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Result<()> {
+async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
+    let Passed {
+        listeners: inherited,
+        mut stored,
+    } = passed;
     // Signals first: a stop requested while exports are created or sockets bound still stops
     // cleanly (Unix socket files removed, exit 0) instead of killing the process half set up.
     let shutdown = Shutdown::new();
@@ -181,11 +185,17 @@ async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Resul
     if let Some(path) = &config.source {
         tracing::info!(config = %path.display(), "configuration loaded");
     }
-    let exports = Arc::new(
-        Exports::with_memory(&config.exports, &config.memory).context("creating exports")?,
-    );
+    // Under a service manager the disks live in its fd store, so that they outlive this
+    // process (a restart, an upgrade, a crash); `systemctl stop` releases them.
+    let exports = if systemd::fd_store_available() {
+        Exports::with_store(&config.exports, &config.memory, &mut stored)
+    } else {
+        Exports::with_memory(&config.exports, &config.memory)
+    };
+    let exports = Arc::new(exports.context("creating exports")?);
+    stored.discard_rest();
     log_memory(&exports, "memory at start");
-    let listeners = match inherited {
+    let listeners = match (!inherited.is_empty()).then_some(inherited) {
         Some(sockets) => {
             tracing::info!(
                 sockets = sockets.len(),
