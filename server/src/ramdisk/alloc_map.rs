@@ -72,6 +72,26 @@ impl AllocationMap {
         new
     }
 
+    /// Sets the bits of the pages numbered `pages` (of the whole export); returns how many
+    /// were newly set.
+    pub(super) fn set_pages(&self, pages: std::ops::Range<u64>) -> u64 {
+        let per_word = u64::BITS as u64;
+        let mut new = 0;
+        let mut page = pages.start;
+        while page < pages.end {
+            let first = page % per_word;
+            let count = (per_word - first).min(pages.end - page);
+            let bits = if count == per_word {
+                u64::MAX
+            } else {
+                ((1 << count) - 1) << first
+            };
+            new += self.set(self.word(page / per_word), bits);
+            page += count;
+        }
+        new
+    }
+
     /// Clears `bits` in `word`; returns how many were set before.
     pub(super) fn clear(&self, word: &AtomicU64, bits: u64) -> u64 {
         let before = word.fetch_and(!bits, Ordering::Release);

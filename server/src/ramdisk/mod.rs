@@ -1,10 +1,10 @@
 //! The RAM store: one export's bytes, and the only module with `unsafe` code.
 //!
 //! Layers, from the bottom:
-//! * [`backing`]: where the bytes live and how pages are given back (today an anonymous private
-//!   mapping; the interface is what another backing implements).
-//! * [`os`]: the system calls on the store's own mappings (mlock, munlock, madvise, mincore),
-//!   each wrapped once with a range check.
+//! * [`backing`]: where the bytes live and how pages are given back: an anonymous private
+//!   mapping, or a memfd mapped shared that can outlive the process ([`BackingKind`]).
+//! * [`os`]: the system calls on the store's own mappings (mlock, munlock, madvise, mincore,
+//!   hole punching), each wrapped once with a range check.
 //! * [`alloc_map`]: one bit per page — held or a hole — shared lock-free as atomics.
 //! * [`chunks`]: chunk locks whose guards are the only way to touch the bytes.
 //! * [`budget`]: memory caps and the reservations that take room before anything changes.
@@ -22,7 +22,8 @@
 //!   concerned, which assert that their range lies inside that chunk (and so inside the
 //!   export). A copy out holds the chunk's read lock; a copy in, a zero fill, a zero check and
 //!   a page discard hold its write lock. No reference into the mapping outlives one such call.
-//! * The unsafe calls that change memory underneath (`Backing::discard`, `os::drop_pages`) are
+//! * The unsafe calls that change memory underneath (`Backing::discard`, `os::drop_pages`,
+//!   `os::punch_hole`) are
 //!   `unsafe fn`s whose contract — exclusive access to the range — only a write guard can meet.
 //!   The other system calls (mlock, munlock, mincore) read or change no data and are wrapped
 //!   as safe functions that check their range.
@@ -57,12 +58,13 @@ mod chunks;
 mod os;
 
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 pub use budget::{MemoryBudget, NoSpace};
 
 use alloc_map::AllocationMap;
-use backing::{Anonymous, Policy};
+use backing::{Anonymous, Backing, Memfd, Policy};
 use budget::{Budgets, Reservation};
 use chunks::{Chunks, WriteGuard};
 
@@ -89,6 +91,21 @@ pub struct MemoryOptions {
     pub mlock: bool,
     /// Advise transparent huge pages.
     pub hugepages: bool,
+    /// Where the bytes live.
+    pub backing: BackingKind,
+    /// What the memory is for (the export's name): labels a memfd in /proc/PID/fd.
+    pub name: String,
+}
+
+/// Where a disk's bytes live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BackingKind {
+    /// Private anonymous memory: gone when the process ends.
+    #[default]
+    Anonymous,
+    /// A memfd: survives the process while another holds its descriptor (a service manager's
+    /// file-descriptor store), and can be adopted by the next one ([`RamDisk::adopt`]).
+    Memfd,
 }
 
 /// The state of a run of pages, as `base:allocation` reports it.
@@ -126,6 +143,70 @@ impl RamDisk {
     /// Reserves `size` bytes of address space and applies the memory policy. Fails with a
     /// message naming RLIMIT_MEMLOCK when `mlock` is asked for beyond the locked-memory limit.
     pub fn with_options(size: u64, options: &MemoryOptions) -> io::Result<Self> {
+        let map = Self::empty_map(size)?;
+        let policy = Policy::of(options);
+        let backing: Box<dyn Backing> = match options.backing {
+            BackingKind::Anonymous => Box::new(Anonymous::new(size, policy)?),
+            BackingKind::Memfd => Box::new(Memfd::create(&options.name, size, policy)?),
+        };
+        Ok(Self {
+            size,
+            chunks: Chunks::new(size, backing, map),
+            budgets: Budgets::new(options.budgets.clone()),
+        })
+    }
+
+    /// Takes over the memfd of an export of `size` bytes that an earlier process created (and
+    /// a service manager kept): maps it as it is, without touching the data, and rebuilds the
+    /// allocation map from the file's extents (`SEEK_DATA`/`SEEK_HOLE`; a page is held if any
+    /// byte of it is data). Its held pages count against `options.budgets`; the backing kind
+    /// and name in `options` are ignored (the file is a memfd already).
+    ///
+    /// Fails, leaving the file as it was, if `fd` is not a regular file of exactly `size`
+    /// rounded up to whole pages that can be sealed against size changes, or if its data
+    /// exceed a memory cap.
+    pub fn adopt(fd: OwnedFd, size: u64, options: &MemoryOptions) -> io::Result<Self> {
+        let map = Self::empty_map(size)?;
+        let backing = Memfd::adopt(fd, size, Policy::of(options))?;
+        let mut held = 0;
+        for data in backing.data_ranges()? {
+            let pages = data.start / PAGE_SIZE..data.end.div_ceil(PAGE_SIZE);
+            held += map.set_pages(pages);
+        }
+        let budgets = Budgets::new(options.budgets.clone());
+        let mut reservation = budgets.reserve(held).map_err(|NoSpace| {
+            let caps: Vec<String> = options
+                .budgets
+                .iter()
+                .map(|b| format!("{} of {} bytes in use", b.used_bytes(), b.limit_bytes()))
+                .collect();
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "the adopted memfd holds {} bytes of data, more than a memory cap allows \
+                     ({}): raise max-memory",
+                    held * PAGE_SIZE,
+                    caps.join(", ")
+                ),
+            )
+        })?;
+        reservation.allocated(held);
+        drop(reservation);
+        Ok(Self {
+            size,
+            chunks: Chunks::new(size, Box::new(backing), map),
+            budgets,
+        })
+    }
+
+    /// The memfd behind the disk, to hand to a service manager's file-descriptor store so the
+    /// data outlive this process; `None` for anonymous memory.
+    pub fn backing_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.chunks.backing().fd()
+    }
+
+    /// An allocation map for an export of `size` bytes, all holes.
+    fn empty_map(size: u64) -> io::Result<AllocationMap> {
         if size == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -134,16 +215,7 @@ impl RamDisk {
         }
         let words = usize::try_from(size.div_ceil(CHUNK_SIZE))
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "export size too large"))?;
-        let policy = Policy {
-            mlock: options.mlock,
-            hugepages: options.hugepages,
-        };
-        let backing = Anonymous::new(size, policy)?;
-        Ok(Self {
-            size,
-            chunks: Chunks::new(size, Box::new(backing), AllocationMap::new(words)?),
-            budgets: Budgets::new(options.budgets.clone()),
-        })
+        AllocationMap::new(words)
     }
 
     /// The export size in bytes.
@@ -316,6 +388,15 @@ impl RamDisk {
         pieces(offset, len)
             .map(|piece| u64::from((piece.page_bits() & !map.bits(piece.chunk)).count_ones()))
             .sum()
+    }
+}
+
+impl Drop for RamDisk {
+    /// The disk's pages no longer count against the caps it shared (a memfd's data may live
+    /// on in a service manager's store, but then the next process that adopts them counts
+    /// them).
+    fn drop(&mut self) {
+        self.budgets.released(self.chunks.map().allocated_pages());
     }
 }
 

@@ -1,11 +1,14 @@
-//! The operating-system calls the store makes on its own mappings, each wrapped once with its
+//! The operating-system calls the store makes on its own mappings (and the files behind them), each wrapped once with its
 //! safety argument. The wrappers take the mapping itself plus a range that they check, so no
 //! caller can aim them at memory the store does not own.
 
 use std::io;
 use std::ops::Range;
 
+use std::os::fd::BorrowedFd;
+
 use memmap2::{MmapRaw, UncheckedAdvice};
+use rustix::fs::FallocateFlags;
 use rustix::mm::MlockFlags;
 use rustix::process::{Resource, getrlimit};
 
@@ -72,6 +75,34 @@ pub(super) unsafe fn drop_pages(map: &MmapRaw, range: Range<usize>) -> io::Resul
     // SAFETY: inside the mapping (checked above); the caller guarantees that nothing else
     // accesses or references these bytes, which is what memmap2 asks of this advice.
     unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len()) }
+}
+
+/// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)` on `fd`, the file `map` maps
+/// from offset 0: frees the file's pages in `range` (their RAM, for a memfd), which then read as
+/// zero through every mapping of the file.
+///
+/// # Safety
+/// As for [`drop_pages`]: no other thread may read or write the bytes of `range` in `map`
+/// during the call, and no reference into them may exist. `fd` must be the file `map` maps.
+pub(super) unsafe fn punch_hole(
+    map: &MmapRaw,
+    fd: BorrowedFd<'_>,
+    range: Range<usize>,
+) -> io::Result<()> {
+    check_range(map, &range);
+    // The end may be short of a page only at the mapping's end, which the file's size (whole
+    // pages) covers: round up so the last page goes too.
+    let end = range
+        .end
+        .next_multiple_of(PAGE_SIZE as usize)
+        .min(map.len());
+    rustix::fs::fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        range.start as u64,
+        (end - range.start) as u64,
+    )
+    .map_err(io::Error::from)
 }
 
 /// How many pages of `range` are resident in RAM (`mincore`). `status` is scratch space with a

@@ -10,6 +10,47 @@ fn extents(disk: &RamDisk, offset: u64, len: u64, limit: usize) -> Vec<(u64, Ext
     disk.extents(offset, len).take(limit).collect()
 }
 
+fn new_disk(backing: BackingKind, size: u64) -> io::Result<RamDisk> {
+    let options = MemoryOptions {
+        backing,
+        name: "test".into(),
+        ..Default::default()
+    };
+    RamDisk::with_options(size, &options)
+}
+
+/// Runs each named test, a `fn(BackingKind)`, once per backing: `backing_tests!(module::path;
+/// name, ...)` makes `anonymous::name` and `memfd::name`.
+macro_rules! backing_tests {
+    ($($name:ident),* $(,)?) => {
+        mod anonymous {
+            $(#[test] fn $name() { super::$name(super::BackingKind::Anonymous) })*
+        }
+        mod memfd {
+            $(#[test] fn $name() { super::$name(super::BackingKind::Memfd) })*
+        }
+    };
+}
+
+backing_tests!(
+    fresh_disk_reads_zero_and_is_one_hole,
+    unaligned_write_reads_back_across_chunks,
+    zero_pages_in_a_write_are_not_allocated,
+    zero_with_release_frees_whole_pages_and_zeroes_edges,
+    unaligned_trims_that_zero_a_page_between_them_release_it,
+    zero_without_release_keeps_pages_allocated,
+    odd_sized_disks_work_to_their_last_byte_and_release_their_last_page,
+    extents_respect_the_limit_and_range,
+    a_one_extent_limit_still_covers_the_whole_first_run,
+    huge_sparse_disk_costs_nothing,
+    a_zeroing_runs_in_bounded_steps,
+    a_streamed_write_lands_piece_by_piece,
+    resident_bytes_follow_writes_and_trims,
+    budgets_writes_fail_at_the_cap_and_trim_makes_room,
+    budgets_a_streamed_write_reserves_its_whole_range_first,
+    budgets_a_shared_budget_caps_several_disks,
+);
+
 #[test]
 fn the_page_rule_for_writes_and_zeroing() {
     use PageChange::*;
@@ -40,9 +81,8 @@ fn the_page_rule_for_writes_and_zeroing() {
     }
 }
 
-#[test]
-fn fresh_disk_reads_zero_and_is_one_hole() {
-    let disk = RamDisk::new(10 * CHUNK_SIZE + 123).unwrap();
+fn fresh_disk_reads_zero_and_is_one_hole(kind: BackingKind) {
+    let disk = new_disk(kind, 10 * CHUNK_SIZE + 123).unwrap();
     assert!(read(&disk, 0, 100_000).iter().all(|&b| b == 0));
     assert_eq!(
         extents(&disk, 0, disk.size(), 16),
@@ -51,9 +91,8 @@ fn fresh_disk_reads_zero_and_is_one_hole() {
     assert_eq!(disk.allocated_bytes(), 0);
 }
 
-#[test]
-fn unaligned_write_reads_back_across_chunks() {
-    let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
+fn unaligned_write_reads_back_across_chunks(kind: BackingKind) {
+    let disk = new_disk(kind, 4 * CHUNK_SIZE).unwrap();
     let data: Vec<u8> = (0..CHUNK_SIZE + 9000)
         .map(|i| (i % 251) as u8 + 1)
         .collect();
@@ -67,9 +106,8 @@ fn unaligned_write_reads_back_across_chunks() {
     assert_eq!(disk.allocated_bytes(), (last - first + 1) * PAGE_SIZE);
 }
 
-#[test]
-fn zero_pages_in_a_write_are_not_allocated() {
-    let disk = RamDisk::new(CHUNK_SIZE).unwrap();
+fn zero_pages_in_a_write_are_not_allocated(kind: BackingKind) {
+    let disk = new_disk(kind, CHUNK_SIZE).unwrap();
     let mut data = vec![0u8; 4 * PAGE_SIZE as usize];
     data[PAGE_SIZE as usize + 5] = 7; // only page 1 holds data
     disk.write(0, &data).unwrap();
@@ -89,9 +127,8 @@ fn zero_pages_in_a_write_are_not_allocated() {
     assert!(read(&disk, 0, data.len()).iter().all(|&b| b == 0));
 }
 
-#[test]
-fn zero_with_release_frees_whole_pages_and_zeroes_edges() {
-    let disk = RamDisk::new(3 * CHUNK_SIZE).unwrap();
+fn zero_with_release_frees_whole_pages_and_zeroes_edges(kind: BackingKind) {
+    let disk = new_disk(kind, 3 * CHUNK_SIZE).unwrap();
     let data = vec![0xabu8; (2 * CHUNK_SIZE) as usize];
     disk.write(0, &data).unwrap();
     assert_eq!(disk.allocated_bytes(), 2 * CHUNK_SIZE);
@@ -105,9 +142,8 @@ fn zero_with_release_frees_whole_pages_and_zeroes_edges() {
     assert_eq!(disk.allocated_bytes(), 2 * PAGE_SIZE);
 }
 
-#[test]
-fn unaligned_trims_that_zero_a_page_between_them_release_it() {
-    let disk = RamDisk::new(2 * CHUNK_SIZE).unwrap();
+fn unaligned_trims_that_zero_a_page_between_them_release_it(kind: BackingKind) {
+    let disk = new_disk(kind, 2 * CHUNK_SIZE).unwrap();
     disk.write(PAGE_SIZE, &[5; PAGE_SIZE as usize]).unwrap();
     disk.zero(0, PAGE_SIZE + 512, ZeroMode::Release).unwrap();
     assert_eq!(
@@ -126,9 +162,8 @@ fn unaligned_trims_that_zero_a_page_between_them_release_it() {
     assert_eq!(disk.allocated_bytes(), 0);
 }
 
-#[test]
-fn zero_without_release_keeps_pages_allocated() {
-    let disk = RamDisk::new(CHUNK_SIZE).unwrap();
+fn zero_without_release_keeps_pages_allocated(kind: BackingKind) {
+    let disk = new_disk(kind, CHUNK_SIZE).unwrap();
     disk.zero(0, 2 * PAGE_SIZE, ZeroMode::Allocate).unwrap();
     assert_eq!(disk.allocated_bytes(), 2 * PAGE_SIZE);
     assert_eq!(
@@ -142,12 +177,11 @@ fn zero_without_release_keeps_pages_allocated() {
     );
 }
 
-#[test]
-fn odd_sized_disks_work_to_their_last_byte_and_release_their_last_page() {
+fn odd_sized_disks_work_to_their_last_byte_and_release_their_last_page(kind: BackingKind) {
     // Sizes that are not page multiples: the last page is cut short, and nothing past the
     // export's length is ever read or written (the guards would panic).
     for size in [1, 1000, 4097, CHUNK_SIZE + 1, 3 * CHUNK_SIZE - 5] {
-        let disk = RamDisk::new(size).unwrap();
+        let disk = new_disk(kind, size).unwrap();
         let data = vec![0x5au8; size as usize];
         disk.write(0, &data).unwrap();
         assert_eq!(read(&disk, 0, size as usize), data, "size {size}");
@@ -169,9 +203,8 @@ fn odd_sized_disks_work_to_their_last_byte_and_release_their_last_page() {
     }
 }
 
-#[test]
-fn extents_respect_the_limit_and_range() {
-    let disk = RamDisk::new(CHUNK_SIZE).unwrap();
+fn extents_respect_the_limit_and_range(kind: BackingKind) {
+    let disk = new_disk(kind, CHUNK_SIZE).unwrap();
     for page in (0..64).step_by(2) {
         disk.write(page * PAGE_SIZE, &[1]).unwrap();
     }
@@ -181,9 +214,8 @@ fn extents_respect_the_limit_and_range() {
     assert_eq!(extents(&disk, 10, 100, 8), vec![(100, Extent::Data)]);
 }
 
-#[test]
-fn a_one_extent_limit_still_covers_the_whole_first_run() {
-    let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
+fn a_one_extent_limit_still_covers_the_whole_first_run(kind: BackingKind) {
+    let disk = new_disk(kind, 4 * CHUNK_SIZE).unwrap();
     disk.write(0, &[1; 3 * PAGE_SIZE as usize]).unwrap();
     assert_eq!(
         extents(&disk, 0, disk.size(), 1),
@@ -196,9 +228,8 @@ fn a_one_extent_limit_still_covers_the_whole_first_run() {
     );
 }
 
-#[test]
-fn huge_sparse_disk_costs_nothing() {
-    let disk = RamDisk::new(1 << 40).unwrap();
+fn huge_sparse_disk_costs_nothing(kind: BackingKind) {
+    let disk = new_disk(kind, 1 << 40).unwrap();
     disk.write((1 << 40) - 4096, &[9; 4096]).unwrap();
     disk.zero(0, (1 << 40) - 4096, ZeroMode::Release).unwrap();
     assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
@@ -208,11 +239,10 @@ fn huge_sparse_disk_costs_nothing() {
     );
 }
 
-#[test]
-fn a_zeroing_runs_in_bounded_steps() {
+fn a_zeroing_runs_in_bounded_steps(kind: BackingKind) {
     // One page held per GiB of a 64 GiB disk: every step changes at most ZERO_STEP_CHUNKS
     // chunks and covers at most ZERO_STEP_SPAN bytes, so a session can yield between steps.
-    let disk = RamDisk::new(64 << 30).unwrap();
+    let disk = new_disk(kind, 64 << 30).unwrap();
     for gib in 0..64u64 {
         disk.write(gib << 30, &[1; 4096]).unwrap();
     }
@@ -235,9 +265,8 @@ fn a_zeroing_runs_in_bounded_steps() {
     );
 }
 
-#[test]
-fn a_streamed_write_lands_piece_by_piece() {
-    let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
+fn a_streamed_write_lands_piece_by_piece(kind: BackingKind) {
+    let disk = new_disk(kind, 4 * CHUNK_SIZE).unwrap();
     let data: Vec<u8> = (0..3 * CHUNK_SIZE).map(|i| (i % 253) as u8 + 1).collect();
     let mut update = disk.start_write(100, data.len() as u64).unwrap();
     for part in data.chunks(7777) {
@@ -249,9 +278,8 @@ fn a_streamed_write_lands_piece_by_piece() {
     assert_eq!(read(&disk, 0, 100), vec![0; 100]);
 }
 
-#[test]
-fn resident_bytes_follow_writes_and_trims() {
-    let disk = RamDisk::new(64 << 20).unwrap();
+fn resident_bytes_follow_writes_and_trims(kind: BackingKind) {
+    let disk = new_disk(kind, 64 << 20).unwrap();
     assert_eq!(disk.resident_bytes(), 0);
     disk.write(5 << 20, &[3; 3 * PAGE_SIZE as usize]).unwrap();
     assert_eq!(disk.resident_bytes(), 3 * PAGE_SIZE);
@@ -277,70 +305,304 @@ fn out_of_range_access_panics_instead_of_touching_memory() {
     disk.write(4096, &[1, 2]).unwrap();
 }
 
-mod budgets {
-    use super::*;
+// Memory caps.
 
-    fn capped(size: u64, cap: u64) -> (RamDisk, Arc<MemoryBudget>) {
-        let budget = Arc::new(MemoryBudget::new(cap));
-        let options = MemoryOptions {
-            budgets: vec![Arc::clone(&budget)],
-            ..Default::default()
-        };
-        (RamDisk::with_options(size, &options).unwrap(), budget)
+fn capped(kind: BackingKind, size: u64, cap: u64) -> (RamDisk, Arc<MemoryBudget>) {
+    let budget = Arc::new(MemoryBudget::new(cap));
+    let options = MemoryOptions {
+        budgets: vec![Arc::clone(&budget)],
+        backing: kind,
+        ..Default::default()
+    };
+    (RamDisk::with_options(size, &options).unwrap(), budget)
+}
+
+fn budgets_writes_fail_at_the_cap_and_trim_makes_room(kind: BackingKind) {
+    let (disk, budget) = capped(kind, 4 * CHUNK_SIZE, 8 * PAGE_SIZE);
+    disk.write(0, &[7; 8 * PAGE_SIZE as usize]).unwrap();
+    assert_eq!(budget.used_bytes(), 8 * PAGE_SIZE);
+    // Over the cap: refused, and nothing was written.
+    assert_eq!(disk.write(CHUNK_SIZE, &[1; 10]), Err(NoSpace));
+    assert_eq!(read(&disk, CHUNK_SIZE, 10), vec![0; 10]);
+    // Overwriting held pages and writing zeroes need no room.
+    disk.write(0, &[9; 100]).unwrap();
+    disk.write(CHUNK_SIZE, &[0; PAGE_SIZE as usize]).unwrap();
+    // Trim two pages: two pages of room.
+    disk.zero(0, 2 * PAGE_SIZE, ZeroMode::Release).unwrap();
+    assert_eq!(budget.used_bytes(), 6 * PAGE_SIZE);
+    disk.write(CHUNK_SIZE, &[1; 2 * PAGE_SIZE as usize])
+        .unwrap();
+    assert_eq!(disk.write(2 * CHUNK_SIZE, &[1]), Err(NoSpace));
+    // NO_HOLE zeroing allocates, so it is capped too.
+    assert_eq!(
+        disk.zero(3 * CHUNK_SIZE, PAGE_SIZE, ZeroMode::Allocate),
+        Err(NoSpace)
+    );
+}
+
+fn budgets_a_streamed_write_reserves_its_whole_range_first(kind: BackingKind) {
+    let (disk, budget) = capped(kind, 4 * CHUNK_SIZE, 8 * PAGE_SIZE);
+    assert!(disk.start_write(0, 9 * PAGE_SIZE).is_err());
+    let mut update = disk.start_write(0, 8 * PAGE_SIZE).unwrap();
+    assert_eq!(budget.used_bytes(), 8 * PAGE_SIZE, "all of it reserved");
+    update.write(&[1; PAGE_SIZE as usize]);
+    update.write(&[0; 3 * PAGE_SIZE as usize]);
+    // The client went away half way: the reservation is squared with what was written.
+    drop(update);
+    assert_eq!(budget.used_bytes(), PAGE_SIZE);
+    assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
+}
+
+fn budgets_a_shared_budget_caps_several_disks(kind: BackingKind) {
+    let budget = Arc::new(MemoryBudget::new(4 * PAGE_SIZE));
+    let options = MemoryOptions {
+        budgets: vec![Arc::clone(&budget)],
+        backing: kind,
+        ..Default::default()
+    };
+    let a = RamDisk::with_options(CHUNK_SIZE, &options).unwrap();
+    let b = RamDisk::with_options(CHUNK_SIZE, &options).unwrap();
+    a.write(0, &[1; 3 * PAGE_SIZE as usize]).unwrap();
+    assert_eq!(b.write(0, &[1; 2 * PAGE_SIZE as usize]), Err(NoSpace));
+    b.write(0, &[1; PAGE_SIZE as usize]).unwrap();
+    a.zero(0, CHUNK_SIZE, ZeroMode::Release).unwrap();
+    b.write(PAGE_SIZE, &[1; 3 * PAGE_SIZE as usize]).unwrap();
+    assert_eq!(budget.used_bytes(), 4 * PAGE_SIZE);
+}
+
+// The memfd backing: hole punching, policies and adoption.
+
+/// Bytes of RAM the disk's memfd really holds (`st_blocks`).
+fn memfd_bytes(disk: &RamDisk) -> u64 {
+    let fd = disk.backing_fd().expect("a memfd");
+    rustix::fs::fstat(fd).unwrap().st_blocks as u64 * 512
+}
+
+fn memfd_options(budgets: Vec<Arc<MemoryBudget>>) -> MemoryOptions {
+    MemoryOptions {
+        budgets,
+        backing: BackingKind::Memfd,
+        name: "test".into(),
+        ..Default::default()
     }
+}
 
-    #[test]
-    fn writes_fail_at_the_cap_and_trim_makes_room() {
-        let (disk, budget) = capped(4 * CHUNK_SIZE, 8 * PAGE_SIZE);
-        disk.write(0, &[7; 8 * PAGE_SIZE as usize]).unwrap();
-        assert_eq!(budget.used_bytes(), 8 * PAGE_SIZE);
-        // Over the cap: refused, and nothing was written.
-        assert_eq!(disk.write(CHUNK_SIZE, &[1; 10]), Err(NoSpace));
-        assert_eq!(read(&disk, CHUNK_SIZE, 10), vec![0; 10]);
-        // Overwriting held pages and writing zeroes need no room.
-        disk.write(0, &[9; 100]).unwrap();
-        disk.write(CHUNK_SIZE, &[0; PAGE_SIZE as usize]).unwrap();
-        // Trim two pages: two pages of room.
-        disk.zero(0, 2 * PAGE_SIZE, ZeroMode::Release).unwrap();
-        assert_eq!(budget.used_bytes(), 6 * PAGE_SIZE);
-        disk.write(CHUNK_SIZE, &[1; 2 * PAGE_SIZE as usize])
-            .unwrap();
-        assert_eq!(disk.write(2 * CHUNK_SIZE, &[1]), Err(NoSpace));
-        // NO_HOLE zeroing allocates, so it is capped too.
-        assert_eq!(
-            disk.zero(3 * CHUNK_SIZE, PAGE_SIZE, ZeroMode::Allocate),
-            Err(NoSpace)
+/// A duplicate of the disk's memfd, as a service manager's store would keep it.
+fn keep_fd(disk: &RamDisk) -> OwnedFd {
+    disk.backing_fd().unwrap().try_clone_to_owned().unwrap()
+}
+
+#[test]
+fn only_a_memfd_disk_has_a_descriptor() {
+    assert!(RamDisk::new(CHUNK_SIZE).unwrap().backing_fd().is_none());
+    assert!(
+        new_disk(BackingKind::Memfd, CHUNK_SIZE)
+            .unwrap()
+            .backing_fd()
+            .is_some()
+    );
+}
+
+#[test]
+fn trimming_a_memfd_disk_punches_holes_that_free_its_ram() {
+    let disk = new_disk(BackingKind::Memfd, 4 << 20).unwrap();
+    assert_eq!(memfd_bytes(&disk), 0, "a new memfd holds no RAM");
+    disk.write(0, &vec![0x77; 2 << 20]).unwrap();
+    assert_eq!(memfd_bytes(&disk), 2 << 20);
+    disk.zero(100, (2 << 20) - 200, ZeroMode::Release).unwrap();
+    assert_eq!(
+        memfd_bytes(&disk),
+        2 * PAGE_SIZE,
+        "only the edge pages stay"
+    );
+    disk.write(PAGE_SIZE * 9, &[0; PAGE_SIZE as usize]).unwrap();
+    disk.zero(0, 4 << 20, ZeroMode::Release).unwrap();
+    assert_eq!(memfd_bytes(&disk), 0);
+    assert_eq!(disk.allocated_bytes(), 0);
+}
+
+#[test]
+fn an_mlocked_memfd_disk_still_gives_trimmed_pages_back() {
+    // Small enough for the default RLIMIT_MEMLOCK of 8 MiB.
+    let options = MemoryOptions {
+        mlock: true,
+        ..memfd_options(Vec::new())
+    };
+    let disk = RamDisk::with_options(CHUNK_SIZE, &options).unwrap();
+    disk.write(0, &[1; 8 * PAGE_SIZE as usize]).unwrap();
+    assert_eq!(memfd_bytes(&disk), 8 * PAGE_SIZE);
+    disk.zero(0, 6 * PAGE_SIZE, ZeroMode::Release).unwrap();
+    assert_eq!(memfd_bytes(&disk), 2 * PAGE_SIZE);
+    assert_eq!(disk.resident_bytes(), 2 * PAGE_SIZE);
+    // Trimmed pages can be written again, and are locked again as they fault in.
+    disk.write(0, &[2; PAGE_SIZE as usize]).unwrap();
+    assert_eq!(read(&disk, 0, 4), vec![2; 4]);
+    assert_eq!(memfd_bytes(&disk), 3 * PAGE_SIZE);
+}
+
+#[test]
+fn hugepages_on_a_memfd_follow_the_shmem_setting() {
+    let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").ok();
+    let off = setting
+        .as_deref()
+        .is_none_or(|s| s.contains("[never]") || s.contains("[deny]"));
+    let options = MemoryOptions {
+        hugepages: true,
+        ..memfd_options(Vec::new())
+    };
+    let result = RamDisk::with_options(4 << 20, &options);
+    // Per-size settings (Linux 6.11+) may allow huge pages even when the global one is off.
+    let per_size_on = std::fs::read_dir("/sys/kernel/mm/transparent_hugepage")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("hugepages-"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("shmem_enabled")).ok())
+        .any(|s| s.contains("[always]") || s.contains("[advise]") || s.contains("[within_size]"));
+    if off && !per_size_on {
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("shmem_enabled") && err.contains("advise"),
+            "{err}"
         );
+    } else {
+        result.unwrap();
     }
+}
 
-    #[test]
-    fn a_streamed_write_reserves_its_whole_range_first_and_returns_what_it_did_not_use() {
-        let (disk, budget) = capped(4 * CHUNK_SIZE, 8 * PAGE_SIZE);
-        assert!(disk.start_write(0, 9 * PAGE_SIZE).is_err());
-        let mut update = disk.start_write(0, 8 * PAGE_SIZE).unwrap();
-        assert_eq!(budget.used_bytes(), 8 * PAGE_SIZE, "all of it reserved");
-        update.write(&[1; PAGE_SIZE as usize]);
-        update.write(&[0; 3 * PAGE_SIZE as usize]);
-        // The client went away half way: the reservation is squared with what was written.
-        drop(update);
-        assert_eq!(budget.used_bytes(), PAGE_SIZE);
-        assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
-    }
+#[test]
+fn a_memfd_name_is_cut_to_the_kernel_limit() {
+    // 300 three-byte characters and a NUL: cut at a character boundary, NUL left out.
+    let name = format!("{}\0x", "€".repeat(300));
+    let options = MemoryOptions {
+        name,
+        ..memfd_options(Vec::new())
+    };
+    let disk = RamDisk::with_options(PAGE_SIZE, &options).unwrap();
+    let fd = disk.backing_fd().unwrap();
+    let link = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&fd)
+    ))
+    .unwrap();
+    let link = link.to_string_lossy();
+    assert!(link.starts_with("/memfd:ramnbd:€€"), "{link}");
+    assert!(link.len() < 260, "{} bytes", link.len());
+}
 
-    #[test]
-    fn a_shared_budget_caps_several_disks() {
-        let budget = Arc::new(MemoryBudget::new(4 * PAGE_SIZE));
-        let options = MemoryOptions {
-            budgets: vec![Arc::clone(&budget)],
-            ..Default::default()
+#[test]
+fn an_adopted_memfd_has_the_same_bytes_and_extents() {
+    for size in [4097, 3 * CHUNK_SIZE + 5, 64 << 20] {
+        let disk = new_disk(BackingKind::Memfd, size).unwrap();
+        // Data at odd offsets and lengths, a page of written zeroes (NO_HOLE), holes between,
+        // and the short last page.
+        let spots: &[(u64, u64)] = if size < 3 * PAGE_SIZE {
+            &[(size - 1, 1)] // only the short last page: the first stays a hole
+        } else {
+            &[(17, 5000), (3 * PAGE_SIZE - 1, 2), (size - 3, 3)]
         };
-        let a = RamDisk::with_options(CHUNK_SIZE, &options).unwrap();
-        let b = RamDisk::with_options(CHUNK_SIZE, &options).unwrap();
-        a.write(0, &[1; 3 * PAGE_SIZE as usize]).unwrap();
-        assert_eq!(b.write(0, &[1; 2 * PAGE_SIZE as usize]), Err(NoSpace));
-        b.write(0, &[1; PAGE_SIZE as usize]).unwrap();
-        a.zero(0, CHUNK_SIZE, ZeroMode::Release).unwrap();
-        b.write(PAGE_SIZE, &[1; 3 * PAGE_SIZE as usize]).unwrap();
-        assert_eq!(budget.used_bytes(), 4 * PAGE_SIZE);
+        for &(at, len) in spots {
+            let data: Vec<u8> = (0..len).map(|i| (i % 199) as u8 + 1).collect();
+            disk.write(at, &data).unwrap();
+        }
+        if size > 8 * PAGE_SIZE {
+            disk.zero(6 * PAGE_SIZE, PAGE_SIZE, ZeroMode::Allocate)
+                .unwrap();
+        }
+        let before_bytes = read(&disk, 0, size as usize);
+        let before_extents = extents(&disk, 0, size, usize::MAX);
+        let before_allocated = disk.allocated_bytes();
+        let fd = keep_fd(&disk);
+        drop(disk);
+
+        let disk = RamDisk::adopt(fd, size, &memfd_options(Vec::new())).unwrap();
+        assert!(
+            read(&disk, 0, size as usize) == before_bytes,
+            "size {size}: bytes"
+        );
+        assert_eq!(
+            extents(&disk, 0, size, usize::MAX),
+            before_extents,
+            "size {size}"
+        );
+        assert_eq!(disk.allocated_bytes(), before_allocated, "size {size}");
+        assert!(before_extents.len() > 1, "size {size}: holes and data both");
+        // The adopted disk works as a disk: trims punch holes in the same file.
+        disk.zero(0, size, ZeroMode::Release).unwrap();
+        assert_eq!(memfd_bytes(&disk), 0);
     }
+}
+
+#[test]
+fn adoption_refuses_a_file_of_another_size() {
+    let disk = new_disk(BackingKind::Memfd, 3 * PAGE_SIZE).unwrap();
+    let fd = keep_fd(&disk);
+    let err = RamDisk::adopt(fd, 4 * PAGE_SIZE + 1, &memfd_options(Vec::new()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("12288 bytes") && err.contains("16385 bytes") && err.contains("20480"),
+        "{err}"
+    );
+    // A size that rounds to the same pages is the same disk.
+    RamDisk::adopt(
+        keep_fd(&disk),
+        3 * PAGE_SIZE - 7,
+        &memfd_options(Vec::new()),
+    )
+    .unwrap();
+}
+
+#[test]
+fn adoption_refuses_what_is_not_a_sealable_file() {
+    let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let err = RamDisk::adopt(socket.into(), PAGE_SIZE, &memfd_options(Vec::new())).unwrap_err();
+    assert!(err.to_string().contains("not a memfd"), "{err}");
+    // A memfd created without MFD_ALLOW_SEALING could be shrunk under the mapping.
+    let fd = rustix::fs::memfd_create("unsealable", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, PAGE_SIZE).unwrap();
+    let err = RamDisk::adopt(fd, PAGE_SIZE, &memfd_options(Vec::new())).unwrap_err();
+    assert!(err.to_string().contains("sealed"), "{err}");
+}
+
+#[test]
+fn adoption_charges_the_caps_and_refuses_data_over_them() {
+    let disk = new_disk(BackingKind::Memfd, 4 * CHUNK_SIZE).unwrap();
+    disk.write(CHUNK_SIZE, &[3; 5 * PAGE_SIZE as usize])
+        .unwrap();
+    let fd = keep_fd(&disk);
+    drop(disk);
+    let small = Arc::new(MemoryBudget::new(4 * PAGE_SIZE));
+    let err = RamDisk::adopt(
+        fd.try_clone().unwrap(),
+        4 * CHUNK_SIZE,
+        &memfd_options(vec![Arc::clone(&small)]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("20480 bytes") && err.contains("of 16384 bytes"),
+        "{err}"
+    );
+    assert_eq!(small.used_bytes(), 0, "a refused adoption takes nothing");
+    let fitting = Arc::new(MemoryBudget::new(5 * PAGE_SIZE));
+    let disk = RamDisk::adopt(
+        fd,
+        4 * CHUNK_SIZE,
+        &memfd_options(vec![Arc::clone(&fitting)]),
+    )
+    .unwrap();
+    assert_eq!(fitting.used_bytes(), 5 * PAGE_SIZE);
+    assert_eq!(disk.write(0, &[1]), Err(NoSpace), "the cap is full");
+    assert_eq!(
+        read(&disk, CHUNK_SIZE, 2),
+        vec![3, 3],
+        "the data was left alone"
+    );
+    drop(disk);
+    assert_eq!(
+        fitting.used_bytes(),
+        0,
+        "a dropped disk gives its pages back to the cap"
+    );
 }
