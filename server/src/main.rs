@@ -140,8 +140,10 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<WorkerGuard> {
 
 /// SIGTERM and SIGINT move the stop on one phase each (see `ramnbd::shutdown`): the first
 /// stops accepting and lets requests in flight finish, the second closes connections after
-/// their queued replies, the third drops whatever is left at once.
-fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
+/// their queued replies, the third drops whatever is left at once. With `hand_over` (the fd
+/// store is in use), the first SIGTERM is a hand-over instead: sessions suspend at a request
+/// boundary, to be stored and resumed by the next process.
+fn spawn_signal_handler(shutdown: Shutdown, hand_over: bool) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     tokio::spawn(async move {
@@ -150,6 +152,12 @@ fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
                 _ = sigterm.recv() => "SIGTERM",
                 _ = sigint.recv() => "SIGINT",
             };
+            if hand_over && name == "SIGTERM" && shutdown.phase() == Phase::Running {
+                tracing::info!("{name} received: handing the connections over");
+                systemd::stopping("handing over: suspending connections at a request boundary");
+                shutdown.hand_over();
+                continue;
+            }
             match shutdown.escalate() {
                 Phase::Running => {}
                 Phase::Stopping => {
@@ -181,18 +189,25 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     // Signals first: a stop requested while exports are created or sockets bound still stops
     // cleanly (Unix socket files removed, exit 0) instead of killing the process half set up.
     let shutdown = Shutdown::new();
-    spawn_signal_handler(shutdown.clone())?;
+    let fd_store = systemd::fd_store_available();
+    spawn_signal_handler(shutdown.clone(), fd_store)?;
     if let Some(path) = &config.source {
         tracing::info!(config = %path.display(), "configuration loaded");
     }
     // Under a service manager the disks live in its fd store, so that they outlive this
     // process (a restart, an upgrade, a crash); `systemctl stop` releases them.
-    let exports = if systemd::fd_store_available() {
+    let exports = if fd_store {
         Exports::with_store(&config.exports, &config.memory, &mut stored)
     } else {
         Exports::with_memory(&config.exports, &config.memory)
     };
     let exports = Arc::new(exports.context("creating exports")?);
+    // Connections an earlier process handed over, resumed as soon as serving starts.
+    let (connections, state) = stored.take_connections();
+    let resumed = server::take_parked(connections, state);
+    if !resumed.is_empty() {
+        tracing::info!(connections = resumed.len(), "resuming handed-over connections");
+    }
     stored.discard_rest();
     log_memory(&exports, "memory at start");
     let listeners = match (!inherited.is_empty()).then_some(inherited) {
@@ -257,7 +272,13 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
         shutdown_grace: config.shutdown_grace,
         metrics,
     };
-    server::serve(listeners, Arc::clone(&exports), options, shutdown).await;
+    let parked = server::serve(listeners, resumed, Arc::clone(&exports), options, shutdown.clone())
+        .await;
+    if shutdown.handing_over() {
+        // The disks are in the store already; the connections and their states go there now,
+        // before this process exits (PID 1 reads them before it sees the exit).
+        server::store_parked(&parked).context("storing the handed-over connections")?;
+    }
     metrics_done.cancel();
     log_memory(&exports, "memory at stop");
     tracing::info!("stopped");

@@ -1,10 +1,17 @@
 //! Listeners and the accept loop: every connection gets its own task, a tracing span with its
 //! peer and export, and a slot under the connection cap; shutdown stops accepting and lets
 //! sessions finish what they started.
+//!
+//! A hand-over ([`Shutdown::hand_over`]) is a stop whose sessions suspend instead of ending:
+//! [`serve`] returns them as [`Parked`] connections, which [`store_parked`] puts in the service
+//! manager's fd store (each socket under its own name, the states together in one memfd), and
+//! which the next process takes back with [`take_parked`] and resumes in [`serve`].
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -15,9 +22,9 @@ use tracing::Instrument;
 use crate::config::ListenAddr;
 use crate::export::Exports;
 use crate::metrics::Metrics;
-use crate::session;
+use crate::session::{self, HandedOver, MAX_PENDING, Suspended};
 use crate::shutdown::{self, CLOSE_FLUSH, Phase, Shutdown};
-use crate::systemd::{Inherited, InheritedSocket};
+use crate::systemd::{self, CONN_PREFIX, Inherited, InheritedSocket, STATE_NAME, StoredConnection};
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -137,28 +144,45 @@ pub struct ServeOptions {
     pub metrics: Option<Arc<Metrics>>,
 }
 
-/// Accepts on every listener until shutdown starts, then gives sessions the grace period to
-/// finish the requests they have read (see [`crate::shutdown`]). Returns when every session
-/// has ended or the grace period is over.
+/// Resumes the `resumed` connections (handed over by the process before), accepts on every
+/// listener until shutdown starts, then gives sessions the grace period to finish the requests
+/// they have read (see [`crate::shutdown`]). Returns when every session has ended (or, in a
+/// hand-over, suspended) or the grace period is over, with the connections suspended.
 pub async fn serve(
     listeners: Vec<Listener>,
+    resumed: Vec<Parked>,
     exports: Arc<Exports>,
     options: ServeOptions,
     shutdown: Shutdown,
-) {
+) -> Vec<Parked> {
     // Sessions and accept loops are tracked apart, so that what is logged as active is
     // connections only.
     let tracker = TaskTracker::new();
     let accepting = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
+    let parked = Arc::new(Mutex::new(Vec::new()));
+    let session = SessionContext {
+        exports: Arc::clone(&exports),
+        shutdown: shutdown.clone(),
+        metrics: options.metrics.clone(),
+        parked: Arc::clone(&parked),
+    };
+    for conn in resumed {
+        // They were connected already: they take a slot if one is free, and are served anyway.
+        let slot = Arc::clone(&slots).try_acquire_owned().ok();
+        match conn.into_stream() {
+            Ok((stream, peer, state)) => {
+                spawn_session(&tracker, &session, stream, peer, Some(state), slot)
+            }
+            Err(err) => tracing::warn!(cause = %err, "cannot resume a stored connection"),
+        }
+    }
     for listener in listeners {
         let accept = accept_loop(
             listener,
-            Arc::clone(&exports),
             Arc::clone(&slots),
             tracker.clone(),
-            shutdown.clone(),
-            options.metrics.clone(),
+            session.clone(),
         );
         accepting.spawn(accept);
     }
@@ -207,16 +231,26 @@ pub async fn serve(
             }
         }
     }
+    std::mem::take(&mut *parked.lock().expect("no panic while holding it"))
+}
+
+/// What every session task needs.
+#[derive(Debug, Clone)]
+struct SessionContext {
+    exports: Arc<Exports>,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
+    /// Where sessions suspended by a hand-over leave their connection.
+    parked: Arc<Mutex<Vec<Parked>>>,
 }
 
 async fn accept_loop(
     listener: Listener,
-    exports: Arc<Exports>,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
-    shutdown: Shutdown,
-    metrics: Option<Arc<Metrics>>,
+    session: SessionContext,
 ) {
+    let shutdown = session.shutdown.clone();
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("semaphore never closed"),
@@ -235,30 +269,197 @@ async fn accept_loop(
                 continue;
             }
         };
-        let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
-        let exports = Arc::clone(&exports);
-        let shutdown = shutdown.clone();
-        let metrics = metrics.clone();
-        tracker.spawn(
-            async move {
-                tracing::debug!("accepted");
-                let counted = metrics.as_ref().map(|m| m.connection());
-                match stream {
-                    Stream::Tcp(stream) => {
-                        let (reader, writer) = stream.into_split();
-                        session::serve(reader, writer, exports, shutdown, metrics).await;
-                    }
-                    Stream::Unix(stream) => {
-                        let (reader, writer) = stream.into_split();
-                        session::serve(reader, writer, exports, shutdown, metrics).await;
-                    }
-                }
-                drop(counted);
-                drop(slot);
-            }
-            .instrument(span),
-        );
+        spawn_session(&tracker, &session, stream, peer, None, Some(slot));
     }
+}
+
+/// Serves one connection in a task of its own: a new one (`state` is `None`), or one handed
+/// over by the process before.
+fn spawn_session(
+    tracker: &TaskTracker,
+    context: &SessionContext,
+    stream: Stream,
+    peer: String,
+    state: Option<Suspended>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
+    let SessionContext {
+        exports,
+        shutdown,
+        metrics,
+        parked,
+    } = context.clone();
+    tracker.spawn(
+        async move {
+            tracing::debug!(resumed = state.is_some(), "accepted");
+            let counted = metrics.as_ref().map(|m| m.connection());
+            let handed_over = match stream {
+                Stream::Tcp(stream) => {
+                    let (reader, writer) = stream.into_split();
+                    let out = match state {
+                        None => session::serve(reader, writer, exports, shutdown, metrics).await,
+                        Some(state) => {
+                            session::resume(reader, writer, state, exports, shutdown, metrics)
+                                .await
+                        }
+                    };
+                    out.map(|HandedOver { reader, writer, state }| {
+                        let stream = reader.reunite(writer).map_err(|e| io::Error::other(e.to_string()));
+                        stream
+                            .and_then(|s| s.into_std())
+                            .map(|s| Parked { socket: s.into(), unix: false, state })
+                    })
+                }
+                Stream::Unix(stream) => {
+                    let (reader, writer) = stream.into_split();
+                    let out = match state {
+                        None => session::serve(reader, writer, exports, shutdown, metrics).await,
+                        Some(state) => {
+                            session::resume(reader, writer, state, exports, shutdown, metrics)
+                                .await
+                        }
+                    };
+                    out.map(|HandedOver { reader, writer, state }| {
+                        let stream = reader.reunite(writer).map_err(|e| io::Error::other(e.to_string()));
+                        stream
+                            .and_then(|s| s.into_std())
+                            .map(|s| Parked { socket: s.into(), unix: true, state })
+                    })
+                }
+            };
+            match handed_over {
+                Some(Ok(conn)) => parked.lock().expect("no panic while holding it").push(conn),
+                Some(Err(err)) => {
+                    tracing::warn!(cause = %err, "cannot take a suspended connection's socket back")
+                }
+                None => {}
+            }
+            drop(counted);
+            drop(slot);
+        }
+        .instrument(span),
+    );
+}
+
+/// A connection suspended at a request boundary: its socket and its state. Made by a hand-over
+/// in [`serve`], kept in the fd store between two processes, resumed by [`serve`].
+#[derive(Debug)]
+pub struct Parked {
+    pub socket: OwnedFd,
+    pub unix: bool,
+    pub state: Suspended,
+}
+
+impl Parked {
+    /// The socket, ready for the runtime (call inside it), a name for its peer, and the state.
+    fn into_stream(self) -> io::Result<(Stream, String, Suspended)> {
+        let Parked { socket: fd, unix, state } = self;
+        if unix {
+            let stream = std::os::unix::net::UnixStream::from(fd);
+            stream.set_nonblocking(true)?;
+            let stream = Stream::Unix(UnixStream::from_std(stream)?);
+            Ok((stream, "unix (resumed)".to_owned(), state))
+        } else {
+            let stream = std::net::TcpStream::from(fd);
+            stream.set_nonblocking(true)?;
+            let peer = stream
+                .peer_addr()
+                .map_or_else(|_| "tcp (resumed)".to_owned(), |a| a.to_string());
+            Ok((Stream::Tcp(TcpStream::from_std(stream)?), peer, state))
+        }
+    }
+}
+
+/// Puts suspended connections in the fd store: each socket under `conn-N`, and their states,
+/// one record per connection (name length u16, name, state length u32, the encoded
+/// [`Suspended`]; big-endian), in one memfd under [`STATE_NAME`]. Logs what was handed over.
+pub fn store_parked(parked: &[Parked]) -> io::Result<()> {
+    let pending: usize = parked.iter().map(|c| c.state.pending.len()).sum();
+    let mut states = Vec::new();
+    for (i, conn) in parked.iter().enumerate() {
+        let name = format!("{CONN_PREFIX}{i}");
+        systemd::store(&name, conn.socket.as_fd())?;
+        let state = conn.state.encode();
+        states.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        states.extend_from_slice(name.as_bytes());
+        states.extend_from_slice(&(state.len() as u32).to_be_bytes());
+        states.extend_from_slice(&state);
+    }
+    if !parked.is_empty() {
+        let fd = rustix::fs::memfd_create("ramnbd:handover", rustix::fs::MemfdFlags::CLOEXEC)?;
+        let mut file = File::from(fd);
+        file.write_all(&states)?;
+        systemd::store(STATE_NAME, file.as_fd())?;
+    }
+    tracing::info!(
+        connections = parked.len(),
+        pending_bytes = pending,
+        "handed over {} connections with {pending} bytes pending",
+        parked.len()
+    );
+    Ok(())
+}
+
+/// The longest encoded state [`take_parked`] reads: the header, a 4096-byte export name, and
+/// the most pending input a session can have.
+const MAX_STATE: usize = 64 + 4096 + MAX_PENDING;
+
+/// Takes back connections an earlier process stored with [`store_parked`] and removes them from
+/// the fd store (this process holds them now). A connection without a readable state cannot
+/// be resumed (where its stream stands is unknown): it is closed.
+pub fn take_parked(connections: Vec<StoredConnection>, state: Option<File>) -> Vec<Parked> {
+    let mut states = std::collections::HashMap::new();
+    if let Some(mut file) = state {
+        if let Err(err) = read_states(&mut file, &mut states) {
+            tracing::warn!(cause = %err, "the stored connections' state is unreadable");
+        }
+        systemd::remove_from_store(STATE_NAME);
+    }
+    let mut parked = Vec::new();
+    for conn in connections {
+        systemd::remove_from_store(&conn.name);
+        match states.remove(&conn.name).map(|bytes: Vec<u8>| Suspended::decode(&bytes)) {
+            Some(Ok(state)) => parked.push(Parked {
+                socket: conn.socket,
+                unix: conn.unix,
+                state,
+            }),
+            Some(Err(err)) => {
+                tracing::warn!(fd_name = conn.name, cause = %err, "closing a stored connection")
+            }
+            None => tracing::warn!(
+                fd_name = conn.name,
+                "closing a stored connection that has no state"
+            ),
+        }
+    }
+    parked
+}
+
+fn read_states(
+    file: &mut File,
+    states: &mut std::collections::HashMap<String, Vec<u8>>,
+) -> io::Result<()> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(2).ok_or_else(|| bad("truncated name length"))?;
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        let (name, tail) = tail.split_at_checked(len).ok_or_else(|| bad("truncated name"))?;
+        let name = std::str::from_utf8(name).map_err(|_| bad("name not UTF-8"))?;
+        let (len, tail) = tail.split_at_checked(4).ok_or_else(|| bad("truncated state length"))?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len > MAX_STATE {
+            return Err(bad("state too long"));
+        }
+        let (state, tail) = tail.split_at_checked(len).ok_or_else(|| bad("truncated state"))?;
+        states.insert(name.to_owned(), state.to_vec());
+        rest = tail;
+    }
+    Ok(())
 }
 
 enum Stream {
