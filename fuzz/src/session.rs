@@ -322,9 +322,10 @@ async fn session(
     }
     .run();
     let all = async { tokio::join!(server, client, checker) };
-    let ((), (), outcome) = tokio::time::timeout(SESSION_LIMIT, all)
+    let (handed_over, (), outcome) = tokio::time::timeout(SESSION_LIMIT, all)
         .await
         .expect("the session did not end after the client's input was over");
+    assert!(handed_over.is_none(), "no hand-over was asked for");
     outcome
 }
 

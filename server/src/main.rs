@@ -204,9 +204,12 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     let exports = Arc::new(exports.context("creating exports")?);
     // Connections an earlier process handed over, resumed as soon as serving starts.
     let (connections, state) = stored.take_connections();
-    let resumed = server::take_parked(connections, state);
+    let resumed = server::take_handed_over(connections, state);
     if !resumed.is_empty() {
-        tracing::info!(connections = resumed.len(), "resuming handed-over connections");
+        tracing::info!(
+            connections = resumed.len(),
+            "resuming handed-over connections"
+        );
     }
     stored.discard_rest();
     log_memory(&exports, "memory at start");
@@ -272,12 +275,18 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
         shutdown_grace: config.shutdown_grace,
         metrics,
     };
-    let parked = server::serve(listeners, resumed, Arc::clone(&exports), options, shutdown.clone())
-        .await;
+    let parked = server::serve_adopting(
+        listeners,
+        resumed,
+        Arc::clone(&exports),
+        options,
+        shutdown.clone(),
+    )
+    .await;
     if shutdown.handing_over() {
         // The disks are in the store already; the connections and their states go there now,
         // before this process exits (PID 1 reads them before it sees the exit).
-        server::store_parked(&parked).context("storing the handed-over connections")?;
+        server::store_handed_over(&parked).context("storing the handed-over connections")?;
     }
     metrics_done.cancel();
     log_memory(&exports, "memory at stop");

@@ -1,11 +1,10 @@
 //! Listeners and the accept loop: every connection gets its own task, a tracing span with its
 //! peer and export, and a slot under the connection cap; shutdown stops accepting and lets
-//! sessions finish what they started.
-//!
-//! A hand-over ([`Shutdown::hand_over`]) is a stop whose sessions suspend instead of ending:
-//! [`serve`] returns them as [`Parked`] connections, which [`store_parked`] puts in the service
-//! manager's fd store (each socket under its own name, the states together in one memfd), and
-//! which the next process takes back with [`take_parked`] and resumes in [`serve`].
+//! sessions finish what they started. A hand-over ([`Shutdown::hand_over`]) collects the
+//! connections the sessions suspended, as sockets and states for the next process, which
+//! adopts them with [`serve_adopting`]. Between the two they wait in the service manager's fd
+//! store: [`store_handed_over`] puts them there (each socket under its own name, the states
+//! together in one memfd), [`take_handed_over`] takes them back.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -144,45 +143,77 @@ pub struct ServeOptions {
     pub metrics: Option<Arc<Metrics>>,
 }
 
-/// Resumes the `resumed` connections (handed over by the process before), accepts on every
-/// listener until shutdown starts, then gives sessions the grace period to finish the requests
-/// they have read (see [`crate::shutdown`]). Returns when every session has ended (or, in a
-/// hand-over, suspended) or the grace period is over, with the connections suspended.
+/// A connection in transmission, suspended by a hand-over or to be resumed: its socket (a
+/// connected TCP or Unix stream socket, outside any runtime) and its session's state.
+#[derive(Debug)]
+pub struct SuspendedConnection {
+    pub socket: OwnedFd,
+    pub state: Suspended,
+}
+
+/// The connections handed over so far, filled by the sessions as they suspend.
+type HandedOverList = Arc<Mutex<Vec<SuspendedConnection>>>;
+
+/// Accepts on every listener until shutdown starts, then gives sessions the grace period to
+/// finish the requests they have read (see [`crate::shutdown`]). Returns when every session
+/// has ended or the grace period is over, with the connections a hand-over suspended (none
+/// unless [`Shutdown::hand_over`] was called).
 pub async fn serve(
     listeners: Vec<Listener>,
-    resumed: Vec<Parked>,
     exports: Arc<Exports>,
     options: ServeOptions,
     shutdown: Shutdown,
-) -> Vec<Parked> {
+) -> Vec<SuspendedConnection> {
+    serve_adopting(listeners, Vec::new(), exports, options, shutdown).await
+}
+
+/// Like [`serve`], first resuming `adopted`: connections a previous process handed over.
+/// Each is served like an accepted one, under the connection cap if a slot is free (they
+/// were accepted under the previous process's cap, so one is not refused for lack of it).
+pub async fn serve_adopting(
+    listeners: Vec<Listener>,
+    adopted: Vec<SuspendedConnection>,
+    exports: Arc<Exports>,
+    options: ServeOptions,
+    shutdown: Shutdown,
+) -> Vec<SuspendedConnection> {
     // Sessions and accept loops are tracked apart, so that what is logged as active is
     // connections only.
     let tracker = TaskTracker::new();
     let accepting = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
-    let parked = Arc::new(Mutex::new(Vec::new()));
-    let session = SessionContext {
-        exports: Arc::clone(&exports),
-        shutdown: shutdown.clone(),
-        metrics: options.metrics.clone(),
-        parked: Arc::clone(&parked),
-    };
-    for conn in resumed {
-        // They were connected already: they take a slot if one is free, and are served anyway.
+    let handed_over = HandedOverList::default();
+    for connection in adopted {
         let slot = Arc::clone(&slots).try_acquire_owned().ok();
-        match conn.into_stream() {
-            Ok((stream, peer, state)) => {
-                spawn_session(&tracker, &session, stream, peer, Some(state), slot)
-            }
-            Err(err) => tracing::warn!(cause = %err, "cannot resume a stored connection"),
+        if slot.is_none() {
+            tracing::warn!("adopted connection beyond the connection cap: served anyway");
         }
+        let session = Session {
+            exports: Arc::clone(&exports),
+            shutdown: shutdown.clone(),
+            metrics: options.metrics.clone(),
+            handed_over: Arc::clone(&handed_over),
+        };
+        let span = tracing::info_span!("conn", peer = "adopted", export = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                session.run(Start::Resume(connection)).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
     for listener in listeners {
         let accept = accept_loop(
             listener,
             Arc::clone(&slots),
             tracker.clone(),
-            session.clone(),
+            Session {
+                exports: Arc::clone(&exports),
+                shutdown: shutdown.clone(),
+                metrics: options.metrics.clone(),
+                handed_over: Arc::clone(&handed_over),
+            },
         );
         accepting.spawn(accept);
     }
@@ -231,24 +262,121 @@ pub async fn serve(
             }
         }
     }
-    std::mem::take(&mut *parked.lock().expect("no panic while holding it"))
+    let handed_over = std::mem::take(&mut *handed_over.lock().expect("never poisoned"));
+    if !handed_over.is_empty() {
+        tracing::info!(connections = handed_over.len(), "connections handed over");
+    }
+    handed_over
 }
 
-/// What every session task needs.
+/// What every session task of a server shares.
 #[derive(Debug, Clone)]
-struct SessionContext {
+struct Session {
     exports: Arc<Exports>,
     shutdown: Shutdown,
     metrics: Option<Arc<Metrics>>,
-    /// Where sessions suspended by a hand-over leave their connection.
-    parked: Arc<Mutex<Vec<Parked>>>,
+    handed_over: HandedOverList,
+}
+
+/// How a session task begins.
+enum Start {
+    Accepted(Stream),
+    Resume(SuspendedConnection),
+}
+
+impl Session {
+    /// Runs one connection to its end; a connection a hand-over suspends is added to the
+    /// server's list of those handed over.
+    async fn run(self, start: Start) {
+        let counted = self.metrics.as_ref().map(|m| m.connection());
+        let (stream, state) = match start {
+            Start::Accepted(stream) => (stream, None),
+            Start::Resume(SuspendedConnection { socket, state }) => match Stream::adopt(socket) {
+                Ok(stream) => (stream, Some(state)),
+                Err(err) => {
+                    tracing::warn!(cause = %err, "cannot adopt a handed-over connection");
+                    return;
+                }
+            },
+        };
+        let Session {
+            exports,
+            shutdown,
+            metrics,
+            handed_over,
+        } = self;
+        let suspended = match stream {
+            Stream::Tcp(stream) => {
+                let (reader, writer) = stream.into_split();
+                let ended = serve_or_resume(reader, writer, state, exports, shutdown, metrics);
+                ended.await.map(
+                    |HandedOver {
+                         reader,
+                         writer,
+                         state,
+                     }| {
+                        let socket = reader.reunite(writer).map_err(|_| unpaired());
+                        (socket.and_then(|s| s.into_std()).map(OwnedFd::from), state)
+                    },
+                )
+            }
+            Stream::Unix(stream) => {
+                let (reader, writer) = stream.into_split();
+                let ended = serve_or_resume(reader, writer, state, exports, shutdown, metrics);
+                ended.await.map(
+                    |HandedOver {
+                         reader,
+                         writer,
+                         state,
+                     }| {
+                        let socket = reader.reunite(writer).map_err(|_| unpaired());
+                        (socket.and_then(|s| s.into_std()).map(OwnedFd::from), state)
+                    },
+                )
+            }
+        };
+        match suspended {
+            None => {}
+            Some((Ok(socket), state)) => {
+                let connection = SuspendedConnection { socket, state };
+                handed_over.lock().expect("never poisoned").push(connection);
+            }
+            Some((Err(err), _)) => {
+                tracing::warn!(cause = %err, "cannot take a suspended socket out of the runtime");
+            }
+        }
+        drop(counted);
+    }
+}
+
+/// A new session, or a resumed one if there is a state.
+async fn serve_or_resume<R, W>(
+    reader: R,
+    writer: W,
+    state: Option<Suspended>,
+    exports: Arc<Exports>,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
+) -> Option<HandedOver<R, W>>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match state {
+        None => session::serve(reader, writer, exports, shutdown, metrics).await,
+        Some(state) => session::resume(reader, writer, state, exports, shutdown, metrics).await,
+    }
+}
+
+fn unpaired() -> io::Error {
+    io::Error::other("stream halves of different sockets")
 }
 
 async fn accept_loop(
     listener: Listener,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
-    session: SessionContext,
+    session: Session,
 ) {
     let shutdown = session.shutdown.clone();
     loop {
@@ -269,112 +397,24 @@ async fn accept_loop(
                 continue;
             }
         };
-        spawn_session(&tracker, &session, stream, peer, None, Some(slot));
-    }
-}
-
-/// Serves one connection in a task of its own: a new one (`state` is `None`), or one handed
-/// over by the process before.
-fn spawn_session(
-    tracker: &TaskTracker,
-    context: &SessionContext,
-    stream: Stream,
-    peer: String,
-    state: Option<Suspended>,
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
-) {
-    let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
-    let SessionContext {
-        exports,
-        shutdown,
-        metrics,
-        parked,
-    } = context.clone();
-    tracker.spawn(
-        async move {
-            tracing::debug!(resumed = state.is_some(), "accepted");
-            let counted = metrics.as_ref().map(|m| m.connection());
-            let handed_over = match stream {
-                Stream::Tcp(stream) => {
-                    let (reader, writer) = stream.into_split();
-                    let out = match state {
-                        None => session::serve(reader, writer, exports, shutdown, metrics).await,
-                        Some(state) => {
-                            session::resume(reader, writer, state, exports, shutdown, metrics)
-                                .await
-                        }
-                    };
-                    out.map(|HandedOver { reader, writer, state }| {
-                        let stream = reader.reunite(writer).map_err(|e| io::Error::other(e.to_string()));
-                        stream
-                            .and_then(|s| s.into_std())
-                            .map(|s| Parked { socket: s.into(), unix: false, state })
-                    })
-                }
-                Stream::Unix(stream) => {
-                    let (reader, writer) = stream.into_split();
-                    let out = match state {
-                        None => session::serve(reader, writer, exports, shutdown, metrics).await,
-                        Some(state) => {
-                            session::resume(reader, writer, state, exports, shutdown, metrics)
-                                .await
-                        }
-                    };
-                    out.map(|HandedOver { reader, writer, state }| {
-                        let stream = reader.reunite(writer).map_err(|e| io::Error::other(e.to_string()));
-                        stream
-                            .and_then(|s| s.into_std())
-                            .map(|s| Parked { socket: s.into(), unix: true, state })
-                    })
-                }
-            };
-            match handed_over {
-                Some(Ok(conn)) => parked.lock().expect("no panic while holding it").push(conn),
-                Some(Err(err)) => {
-                    tracing::warn!(cause = %err, "cannot take a suspended connection's socket back")
-                }
-                None => {}
+        let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
+        let session = session.clone();
+        tracker.spawn(
+            async move {
+                tracing::debug!("accepted");
+                session.run(Start::Accepted(stream)).await;
+                drop(slot);
             }
-            drop(counted);
-            drop(slot);
-        }
-        .instrument(span),
-    );
-}
-
-/// A connection suspended at a request boundary: its socket and its state. Made by a hand-over
-/// in [`serve`], kept in the fd store between two processes, resumed by [`serve`].
-#[derive(Debug)]
-pub struct Parked {
-    pub socket: OwnedFd,
-    pub unix: bool,
-    pub state: Suspended,
-}
-
-impl Parked {
-    /// The socket, ready for the runtime (call inside it), a name for its peer, and the state.
-    fn into_stream(self) -> io::Result<(Stream, String, Suspended)> {
-        let Parked { socket: fd, unix, state } = self;
-        if unix {
-            let stream = std::os::unix::net::UnixStream::from(fd);
-            stream.set_nonblocking(true)?;
-            let stream = Stream::Unix(UnixStream::from_std(stream)?);
-            Ok((stream, "unix (resumed)".to_owned(), state))
-        } else {
-            let stream = std::net::TcpStream::from(fd);
-            stream.set_nonblocking(true)?;
-            let peer = stream
-                .peer_addr()
-                .map_or_else(|_| "tcp (resumed)".to_owned(), |a| a.to_string());
-            Ok((Stream::Tcp(TcpStream::from_std(stream)?), peer, state))
-        }
+            .instrument(span),
+        );
     }
 }
 
 /// Puts suspended connections in the fd store: each socket under `conn-N`, and their states,
 /// one record per connection (name length u16, name, state length u32, the encoded
 /// [`Suspended`]; big-endian), in one memfd under [`STATE_NAME`]. Logs what was handed over.
-pub fn store_parked(parked: &[Parked]) -> io::Result<()> {
+/// The next process takes them back with [`take_handed_over`].
+pub fn store_handed_over(parked: &[SuspendedConnection]) -> io::Result<()> {
     let pending: usize = parked.iter().map(|c| c.state.pending.len()).sum();
     let mut states = Vec::new();
     for (i, conn) in parked.iter().enumerate() {
@@ -401,14 +441,18 @@ pub fn store_parked(parked: &[Parked]) -> io::Result<()> {
     Ok(())
 }
 
-/// The longest encoded state [`take_parked`] reads: the header, a 4096-byte export name, and
+/// The longest encoded state [`take_handed_over`] reads: the header, a 4096-byte export name, and
 /// the most pending input a session can have.
 const MAX_STATE: usize = 64 + 4096 + MAX_PENDING;
 
-/// Takes back connections an earlier process stored with [`store_parked`] and removes them from
+/// Takes back connections an earlier process stored with [`store_handed_over`] (to resume
+/// with [`serve_adopting`]) and removes them from
 /// the fd store (this process holds them now). A connection without a readable state cannot
 /// be resumed (where its stream stands is unknown): it is closed.
-pub fn take_parked(connections: Vec<StoredConnection>, state: Option<File>) -> Vec<Parked> {
+pub fn take_handed_over(
+    connections: Vec<StoredConnection>,
+    state: Option<File>,
+) -> Vec<SuspendedConnection> {
     let mut states = std::collections::HashMap::new();
     if let Some(mut file) = state {
         if let Err(err) = read_states(&mut file, &mut states) {
@@ -419,10 +463,12 @@ pub fn take_parked(connections: Vec<StoredConnection>, state: Option<File>) -> V
     let mut parked = Vec::new();
     for conn in connections {
         systemd::remove_from_store(&conn.name);
-        match states.remove(&conn.name).map(|bytes: Vec<u8>| Suspended::decode(&bytes)) {
-            Some(Ok(state)) => parked.push(Parked {
+        match states
+            .remove(&conn.name)
+            .map(|bytes: Vec<u8>| Suspended::decode(&bytes))
+        {
+            Some(Ok(state)) => parked.push(SuspendedConnection {
                 socket: conn.socket,
-                unix: conn.unix,
                 state,
             }),
             Some(Err(err)) => {
@@ -446,16 +492,24 @@ fn read_states(
     file.read_to_end(&mut bytes)?;
     let mut rest = &bytes[..];
     while !rest.is_empty() {
-        let (len, tail) = rest.split_at_checked(2).ok_or_else(|| bad("truncated name length"))?;
+        let (len, tail) = rest
+            .split_at_checked(2)
+            .ok_or_else(|| bad("truncated name length"))?;
         let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-        let (name, tail) = tail.split_at_checked(len).ok_or_else(|| bad("truncated name"))?;
+        let (name, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| bad("truncated name"))?;
         let name = std::str::from_utf8(name).map_err(|_| bad("name not UTF-8"))?;
-        let (len, tail) = tail.split_at_checked(4).ok_or_else(|| bad("truncated state length"))?;
+        let (len, tail) = tail
+            .split_at_checked(4)
+            .ok_or_else(|| bad("truncated state length"))?;
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
         if len > MAX_STATE {
             return Err(bad("state too long"));
         }
-        let (state, tail) = tail.split_at_checked(len).ok_or_else(|| bad("truncated state"))?;
+        let (state, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| bad("truncated state"))?;
         states.insert(name.to_owned(), state.to_vec());
         rest = tail;
     }
@@ -465,6 +519,31 @@ fn read_states(
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl Stream {
+    /// A connected socket passed on from another process (call inside the runtime): TCP or
+    /// Unix by the socket's own address family.
+    fn adopt(socket: OwnedFd) -> io::Result<Stream> {
+        use rustix::net::{AddressFamily, sockopt};
+        match sockopt::socket_domain(&socket)? {
+            AddressFamily::INET | AddressFamily::INET6 => {
+                let stream = std::net::TcpStream::from(socket);
+                stream.set_nonblocking(true)?;
+                stream.set_nodelay(true)?;
+                Ok(Stream::Tcp(TcpStream::from_std(stream)?))
+            }
+            AddressFamily::UNIX => {
+                let stream = std::os::unix::net::UnixStream::from(socket);
+                stream.set_nonblocking(true)?;
+                Ok(Stream::Unix(UnixStream::from_std(stream)?))
+            }
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not a TCP or Unix socket (address family {other:?})"),
+            )),
+        }
+    }
 }
 
 /// Accepts one connection. TCP gets TCP_NODELAY: replies are small and latency-bound.

@@ -12,9 +12,17 @@
 //!
 //! A session follows the phases through one [`PhaseWatch`]: it reads the phase it has seen,
 //! and awaits [`PhaseWatch::changed`] next to its I/O.
+//!
+//! **Hand-over** ([`Shutdown::hand_over`]) is a stop whose sessions do not end: it enters
+//! Stopping (listeners stop accepting, handshakes are refused and closed as in any stop), but
+//! a session in transmission, instead of refusing new requests, stops at the next request
+//! boundary, completes what it has started, sends every reply and returns its stream and state
+//! (`session::Suspended`) for another process to resume. Closing still closes: a session that
+//! has not reached a boundary by then (a client stalled in the middle of a write's payload) is
+//! closed as in an ordinary stop.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -59,6 +67,8 @@ pub struct Shutdown {
     stopping: CancellationToken,
     closing: CancellationToken,
     aborting: CancellationToken,
+    /// Set before the phase moves to Stopping, so a session that sees Stopping sees it too.
+    handing_over: Arc<AtomicBool>,
 }
 
 impl Shutdown {
@@ -79,6 +89,20 @@ impl Shutdown {
                 token.cancel();
             }
         }
+    }
+
+    /// Starts a hand-over: the stop of a server whose connections another process carries on.
+    /// Sessions in transmission suspend at a request boundary instead of draining (see the
+    /// module's documentation); everything else proceeds as from [`Phase::Stopping`], and
+    /// later phases (a timeout, a further signal) still close what has not suspended yet.
+    pub fn hand_over(&self) {
+        self.handing_over.store(true, Ordering::Release);
+        self.advance(Phase::Stopping);
+    }
+
+    /// Whether [`Shutdown::hand_over`] was called.
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Acquire)
     }
 
     /// Moves to the next phase: what each further signal does.
@@ -127,6 +151,12 @@ impl PhaseWatch {
     /// The phase as of the last [`PhaseWatch::refresh`] or [`PhaseWatch::changed`].
     pub fn seen(&self) -> Phase {
         self.seen
+    }
+
+    /// Whether the stop is a hand-over (see [`Shutdown::hand_over`]). Once the watch has seen
+    /// Stopping, one atomic load; always false while running.
+    pub fn handing_over(&self) -> bool {
+        self.seen >= Phase::Stopping && self.shutdown.handing_over()
     }
 
     /// Catches up with the server's phase (one atomic load) and returns it.
@@ -193,6 +223,22 @@ mod tests {
         // Jumping two phases at once is seen as the latest one.
         shutdown.advance(Phase::Aborting);
         assert_eq!(waiting.await.unwrap(), (Phase::Stopping, Phase::Aborting));
+    }
+
+    #[test]
+    fn a_hand_over_is_a_stop_that_watches_see_with_the_phase() {
+        let shutdown = Shutdown::new();
+        let mut watch = shutdown.watch();
+        assert!(!shutdown.handing_over() && !watch.handing_over());
+        shutdown.hand_over();
+        // Not seen until the watch has caught up with the phase it came with.
+        assert!(!watch.handing_over());
+        assert_eq!(watch.refresh(), Phase::Stopping);
+        assert!(watch.handing_over());
+        // Later phases keep the mark: sessions decide by phase whether they may still suspend.
+        shutdown.escalate();
+        assert_eq!(watch.refresh(), Phase::Closing);
+        assert!(watch.handing_over());
     }
 
     #[test]

@@ -71,7 +71,6 @@ pub struct Passed {
 pub struct Stored {
     /// By the hash part of the name: the full name, the size it gives, the memfd.
     disks: HashMap<String, (String, u64, File)>,
-    /// Connection sockets, as `(name, socket)`; `Unix` tells the kind.
     connections: Vec<StoredConnection>,
     state: Option<File>,
 }
@@ -80,8 +79,8 @@ pub struct Stored {
 #[derive(Debug)]
 pub struct StoredConnection {
     pub name: String,
+    /// A connected TCP or Unix stream socket.
     pub socket: OwnedFd,
-    pub unix: bool,
 }
 
 impl Stored {
@@ -114,7 +113,10 @@ impl Stored {
             remove_from_store(name);
         }
         for conn in &self.connections {
-            tracing::warn!(fd_name = conn.name, "closing a stored connection nobody resumed");
+            tracing::warn!(
+                fd_name = conn.name,
+                "closing a stored connection nobody resumed"
+            );
             remove_from_store(&conn.name);
         }
         if self.state.is_some() {
@@ -176,19 +178,23 @@ pub fn take_passed() -> io::Result<Passed> {
         if name.starts_with(CONN_PREFIX) {
             // listenfd checks the family and the type, not that the socket listens: a
             // connected stream socket passes, and is turned back into one through OwnedFd.
-            let (socket, unix) = if let Ok(Some(tcp)) = fds.take_tcp_listener(idx) {
-                (OwnedFd::from(tcp), false)
+            let socket = if let Ok(Some(tcp)) = fds.take_tcp_listener(idx) {
+                OwnedFd::from(tcp)
             } else if let Ok(Some(unix)) = fds.take_unix_listener(idx) {
-                (OwnedFd::from(unix), true)
+                OwnedFd::from(unix)
             } else {
-                tracing::warn!(fd, name, "a stored connection is not a stream socket; ignored");
+                tracing::warn!(
+                    fd,
+                    name,
+                    "a stored connection is not a stream socket; ignored"
+                );
                 remove_from_store(&name);
                 continue;
             };
             passed
                 .stored
                 .connections
-                .push(StoredConnection { name, socket, unix });
+                .push(StoredConnection { name, socket });
             continue;
         }
         // A TCP listener is tried first; on a Unix socket that fails and leaves the fd in place.
@@ -296,12 +302,12 @@ mod tests {
         let long = "é:\n\u{7f}".repeat(1024);
         let name = disk_fd_name(&long, u64::MAX);
         assert!(name.len() <= 255, "{name}");
-        assert!(name.chars().all(|c| c.is_ascii_graphic() && c != ':'), "{name}");
-        assert_ne!(disk_fd_name("a", 1), disk_fd_name("b", 1));
-        assert_eq!(
-            parse_disk_name(&name),
-            Some((name_hash(&long), u64::MAX))
+        assert!(
+            name.chars().all(|c| c.is_ascii_graphic() && c != ':'),
+            "{name}"
         );
+        assert_ne!(disk_fd_name("a", 1), disk_fd_name("b", 1));
+        assert_eq!(parse_disk_name(&name), Some((name_hash(&long), u64::MAX)));
         assert_eq!(parse_disk_name("disk-12-4096"), None);
         assert_eq!(parse_disk_name("disk-e92743ced3fef5f5-x"), None);
     }

@@ -72,6 +72,23 @@ impl Capabilities {
         allowed
     }
 
+    /// The capabilities of a resumed connection (`session::resume`) that was advertised
+    /// `advertised`, by this binary or an earlier one, on an export for which this binary
+    /// offers `self`: exactly the advertised flags, so the client keeps what it was told, if
+    /// this binary can honour every one of them. READ_ONLY can always be honoured; a client
+    /// told it may write cannot be kept once the export is read-only. `None` if not.
+    pub fn honouring(self, advertised: u16) -> Option<Capabilities> {
+        let honourable = self.flags | TFLAG_READ_ONLY;
+        let lost_write = self.read_only() && advertised & TFLAG_READ_ONLY == 0;
+        if advertised & !honourable != 0 || lost_write {
+            return None;
+        }
+        Some(Capabilities {
+            flags: advertised,
+            extended: self.extended,
+        })
+    }
+
     /// Whether the export accepts `command` at all.
     pub fn supports(&self, command: u16) -> bool {
         match command {
@@ -113,5 +130,29 @@ mod tests {
         );
         assert_eq!(extended.allowed_flags(99), CMD_FLAG_FUA);
         assert!(!extended.supports(99));
+    }
+
+    #[test]
+    fn a_resumed_connection_keeps_the_flags_it_was_advertised_if_they_can_be_honoured() {
+        let writable = Capabilities::ram_disk(false, true, false);
+        let advertised = writable.transmission_flags();
+        assert_eq!(writable.honouring(advertised), Some(writable));
+        // Fewer flags than this binary offers: kept as advertised, and accepted as such.
+        let fewer = advertised & !TFLAG_SEND_TRIM;
+        let kept = writable.honouring(fewer).unwrap();
+        assert_eq!(kept.transmission_flags(), fewer);
+        assert!(!kept.supports(CMD_TRIM));
+        // Read-only can always be kept; write access on a now read-only export cannot, nor a
+        // flag this binary does not offer.
+        assert!(
+            writable
+                .honouring(advertised | TFLAG_READ_ONLY)
+                .unwrap()
+                .read_only()
+        );
+        let read_only = Capabilities::ram_disk(true, true, false);
+        assert_eq!(read_only.honouring(advertised), None);
+        let rotational = 1 << 4;
+        assert_eq!(writable.honouring(advertised | rotational), None);
     }
 }

@@ -1,10 +1,18 @@
 //! One client connection: the handshake (`negotiate`), then the transmission phase
 //! (`transmit`). Generic over the stream halves so TCP and Unix sockets share all code, and so
 //! tests drive a whole session over an in-memory stream.
+//!
+//! A session ends in one of two ways: closed (the client left, the stream broke, shutdown
+//! closed it), or handed over ([`crate::shutdown::Shutdown::hand_over`]): suspended at a
+//! request boundary, its stream returned open with a [`Suspended`] state, which [`resume`]
+//! (in this process or, encoded, in another) carries on. Sessions still in the handshake when
+//! a hand-over starts are not handed over: they are refused and closed as in any stop
+//! (`NBD_REP_ERR_SHUTDOWN`, then closed when the client is quiet).
 
 mod buffers;
 mod command;
 mod negotiate;
+mod suspend;
 mod transmit;
 
 #[cfg(test)]
@@ -12,23 +20,35 @@ mod tests;
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::export::Exports;
 use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{PhaseWatch, Shutdown};
 
 pub use negotiate::Negotiated;
+pub use suspend::{MAX_PENDING, ResumeError, STATE_VERSION, StateError, Suspended};
 
-/// Serves one connection until the client leaves, the stream breaks, or shutdown completes.
-/// Errors are logged here: one connection's failure never affects another.
+/// A connection suspended by a hand-over: its stream, open, and the state to resume it with.
+/// For sockets, reunite the halves (`OwnedReadHalf::reunite`) to get the socket back.
+#[derive(Debug)]
+pub struct HandedOver<R, W> {
+    pub reader: R,
+    pub writer: W,
+    pub state: Suspended,
+}
+
+/// Serves one connection until the client leaves, the stream breaks, or shutdown completes;
+/// `Some` if a hand-over suspended it. Errors are logged here: one connection's failure never
+/// affects another.
 pub async fn serve<R, W>(
     mut reader: R,
     mut writer: W,
     exports: Arc<Exports>,
     shutdown: Shutdown,
     metrics: Option<Arc<Metrics>>,
-) where
+) -> Option<HandedOver<R, W>>
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -37,10 +57,10 @@ pub async fn serve<R, W>(
     let negotiated =
         match negotiate::negotiate(&mut reader, &mut writer, &exports, &mut watch).await {
             Ok(Some(negotiated)) => negotiated,
-            Ok(None) => return,
+            Ok(None) => return None,
             Err(err) => {
                 tracing::debug!(cause = %err, "handshake ended");
-                return;
+                return None;
             }
         };
     tracing::Span::current().record("export", negotiated.export.name.as_str());
@@ -49,9 +69,68 @@ pub async fn serve<R, W>(
         size = negotiated.export.size(),
         "transmission started"
     );
+    transmit_logged(reader, writer, negotiated, &[], watch, metrics).await
+}
+
+/// Carries on a session suspended by a hand-over, on the same stream (its socket, passed on
+/// from the process that suspended it): its pending input first, then what the stream brings.
+/// A state this server cannot honour (the export is gone, resized or now read-only: see
+/// [`Suspended::negotiated`]) is logged and the stream closed. Ends as [`serve`] does.
+pub async fn resume<R, W>(
+    reader: R,
+    mut writer: W,
+    state: Suspended,
+    exports: Arc<Exports>,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
+) -> Option<HandedOver<R, W>>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    tracing::Span::current().record("export", state.export.as_str());
+    let negotiated = match state.negotiated(&exports) {
+        Ok(negotiated) => negotiated,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot resume a handed-over connection: closing it");
+            let _ = writer.shutdown().await;
+            return None;
+        }
+    };
+    tracing::info!(
+        mode = ?negotiated.reply_mode(),
+        pending = state.pending.len(),
+        "transmission resumed"
+    );
+    let watch = shutdown.watch();
+    transmit_logged(reader, writer, negotiated, &state.pending, watch, metrics).await
+}
+
+async fn transmit_logged<R, W>(
+    reader: R,
+    writer: W,
+    negotiated: Negotiated,
+    pending: &[u8],
+    watch: PhaseWatch,
+    metrics: Option<Arc<Metrics>>,
+) -> Option<HandedOver<R, W>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let metrics = metrics.and_then(|m| m.export(&negotiated.export.name));
-    match transmit::transmit(reader, writer, negotiated, watch, metrics).await {
-        Ok(stats) => tracing::info!(requests = stats.requests, "connection closed"),
-        Err(err) => tracing::info!(cause = %err, "connection dropped"),
+    match transmit::transmit(reader, writer, negotiated, pending, watch, metrics).await {
+        Ok((stats, None)) => {
+            tracing::info!(requests = stats.requests, "connection closed");
+            None
+        }
+        Ok((stats, Some(handed_over))) => {
+            tracing::info!(requests = stats.requests, "connection handed over");
+            Some(handed_over)
+        }
+        Err(err) => {
+            tracing::info!(cause = %err, "connection dropped");
+            None
+        }
     }
 }

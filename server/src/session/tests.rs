@@ -5,11 +5,13 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
+};
 use tokio::task::JoinHandle;
 
 use super::transmit::Stats;
-use super::{negotiate, transmit};
+use super::{HandedOver, Suspended, negotiate, transmit};
 use crate::config::ExportConfig;
 use crate::export::Exports;
 use crate::proto::consts::*;
@@ -32,6 +34,18 @@ fn exports(size: u64) -> Arc<Exports> {
 /// Runs one session on the server end of an in-memory stream; the task returns the
 /// transmission's stats (`None` if the handshake ended the connection).
 fn start(exports: &Arc<Exports>, shutdown: &Shutdown) -> (Client, JoinHandle<Option<Stats>>) {
+    let (client, session) = start_suspendable(exports, shutdown);
+    let stats = tokio::spawn(async move { session.await.unwrap().map(|(stats, _)| stats) });
+    (client, stats)
+}
+
+/// The server's halves of the in-memory stream.
+type Halves = HandedOver<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>>;
+/// How a transmission ended: its stats, and the stream and state if it was handed over.
+type Ended = Option<(Stats, Option<Halves>)>;
+
+/// Like [`start`], and a hand-over returns the stream and state.
+fn start_suspendable(exports: &Arc<Exports>, shutdown: &Shutdown) -> (Client, JoinHandle<Ended>) {
     // Small buffers, so that a client that does not read soon blocks the server's writes.
     let (client, server) = tokio::io::duplex(64 * 1024);
     let exports = Arc::clone(exports);
@@ -41,11 +55,28 @@ fn start(exports: &Arc<Exports>, shutdown: &Shutdown) -> (Client, JoinHandle<Opt
         let negotiated = negotiate::negotiate(&mut reader, &mut writer, &exports, &mut watch)
             .await
             .ok()??;
-        transmit::transmit(reader, writer, negotiated, watch, None)
+        transmit::transmit(reader, writer, negotiated, &[], watch, None)
             .await
             .ok()
     });
     (Client { stream: client }, task)
+}
+
+/// Carries a handed-over session on, as another process would: its state through the
+/// encoding, the same stream.
+fn resume(handed_over: Halves, exports: &Arc<Exports>, shutdown: &Shutdown) -> JoinHandle<Ended> {
+    let encoded = handed_over.state.encode();
+    let state = Suspended::decode(&encoded).expect("decode what was encoded");
+    assert_eq!(state, handed_over.state);
+    let exports = Arc::clone(exports);
+    let watch = shutdown.watch();
+    tokio::spawn(async move {
+        let negotiated = state.negotiated(&exports).expect("the same export");
+        let HandedOver { reader, writer, .. } = handed_over;
+        transmit::transmit(reader, writer, negotiated, &state.pending, watch, None)
+            .await
+            .ok()
+    })
 }
 
 /// The client end: raw bytes, big-endian fields.
@@ -446,4 +477,497 @@ async fn a_bad_magic_still_gets_the_replies_before_it_sent() {
         session.await.unwrap().is_none(),
         "ends as an error: out of sync"
     );
+}
+
+// Hand-over: a session suspended at a request boundary and carried on by another session (as
+// another process would, through the encoded state) on the same stream.
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// A structured reply chunk: (flags, type, cookie, payload).
+    async fn structured_chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let mut header = [0u8; 20];
+        self.stream.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        let flags = u16::from_be_bytes(header[4..6].try_into().unwrap());
+        let kind = u16::from_be_bytes(header[6..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(header[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
+        let mut payload = vec![0u8; len as usize];
+        self.stream.read_exact(&mut payload).await.unwrap();
+        (flags, kind, cookie, payload)
+    }
+
+    /// The handshake with structured replies (or extended headers) and `base:allocation`
+    /// selected; returns the context id.
+    async fn go_with_block_status(&mut self, extended: bool) -> u32 {
+        self.greet().await;
+        let format = if extended {
+            OPT_EXTENDED_HEADERS
+        } else {
+            OPT_STRUCTURED_REPLY
+        };
+        assert_eq!(self.option(format, &[]).await.last().unwrap().0, REP_ACK);
+        let mut query = 4u32.to_be_bytes().to_vec();
+        query.extend_from_slice(b"disk");
+        query.extend_from_slice(&1u32.to_be_bytes());
+        query.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+        query.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        let replies = self.option(OPT_SET_META_CONTEXT, &query).await;
+        assert_eq!(replies[0].0, REP_META_CONTEXT);
+        let context = u32::from_be_bytes(replies[0].1[..4].try_into().unwrap());
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        assert_eq!(self.option(OPT_GO, &go).await.last().unwrap().0, REP_ACK);
+        context
+    }
+}
+
+/// The kernel's dialect (simple replies), 4 KiB to 128 KiB: WRITE, READ it back, WRITE_ZEROES
+/// it, READ the zeroes, for every fourth request. Returns the requests' bytes and, per
+/// request, the cookie and the READ data its reply carries.
+fn kernel_like_requests(count: u64) -> (Vec<u8>, Vec<(u64, Vec<u8>)>) {
+    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..count {
+        let group = i / 4;
+        let offset = group * 128 * 1024;
+        let len = 4096 * (1 + (group * 7) % 32) as u32;
+        let fill = group as u8 + 1;
+        let (request, data) = match i % 4 {
+            0 => {
+                let mut request = Client::request(CMD_WRITE, 0, i, offset, len);
+                request.extend(vec![fill; len as usize]);
+                (request, vec![])
+            }
+            1 => (
+                Client::request(CMD_READ, 0, i, offset, len),
+                vec![fill; len as usize],
+            ),
+            2 => (
+                Client::request(CMD_WRITE_ZEROES, 0, i, offset, len / 2),
+                vec![],
+            ),
+            _ => {
+                let mut data = vec![0; len as usize / 2];
+                data.extend(vec![fill; len as usize / 2]);
+                (Client::request(CMD_READ, 0, i, offset, len), data)
+            }
+        };
+        bytes.extend(request);
+        expected.push((i, data));
+    }
+    (bytes, expected)
+}
+
+#[tokio::test]
+async fn a_hand_over_mid_stream_answers_every_request_exactly_once() {
+    // 128 requests pipelined and DISC, sent while replies are read; after 16 replies the old
+    // session is handed over. Every request gets exactly one reply, in order, from the old
+    // session or the resumed one, and the data written before is read back after.
+    let exports = exports(64 * MIB);
+    let old = Shutdown::new();
+    let (mut client, session) = start_suspendable(&exports, &old);
+    client.go(false).await;
+    let (mut bytes, expected) = kernel_like_requests(128);
+    bytes.extend(Client::request(CMD_DISC, 0, 9999, 0, 0));
+    let (reader, mut writer) = tokio::io::split(client.stream);
+    let sending = tokio::spawn(async move { writer.write_all(&bytes).await.unwrap() });
+    let (sixteen_read, sixteen) = tokio::sync::oneshot::channel();
+    let reading = tokio::spawn(async move {
+        let mut client = Client {
+            stream: tokio::io::join(reader, tokio::io::sink()),
+        };
+        let mut sixteen_read = Some(sixteen_read);
+        for (n, (cookie, data)) in expected.into_iter().enumerate() {
+            let reply = client.simple_reply(data.len()).await;
+            assert_eq!(reply, (0, cookie, data), "reply {n}");
+            if n == 15 {
+                sixteen_read.take().unwrap().send(()).unwrap();
+            }
+        }
+        // Nothing more: no reply was sent twice.
+        assert!(client.closed().await, "DISC closes the connection");
+    });
+    sixteen.await.unwrap();
+    old.hand_over();
+    let (old_stats, handed_over) = session.await.unwrap().expect("a transmission");
+    let handed_over = handed_over.expect("suspended by the hand-over");
+    assert!(
+        (16..128).contains(&old_stats.requests),
+        "handed over mid-stream, after {} requests",
+        old_stats.requests
+    );
+    let resumed = resume(handed_over, &exports, &Shutdown::new());
+    reading.await.unwrap();
+    sending.await.unwrap();
+    let (new_stats, again) = resumed.await.unwrap().expect("a transmission");
+    assert!(again.is_none(), "closed by DISC");
+    assert_eq!(
+        old_stats.requests + new_stats.requests,
+        129,
+        "each request executed once by one of the sessions, DISC included"
+    );
+}
+
+#[tokio::test]
+async fn a_write_whose_payload_is_partly_received_is_carried_over_as_pending_input() {
+    let exports = exports(64 * MIB);
+    let old = Shutdown::new();
+    let (mut client, session) = start_suspendable(&exports, &old);
+    client.go(false).await;
+    // A 512 KiB write (received whole before it is applied), 100 KiB of its payload sent:
+    // with a 64 KiB stream, the server has read at least 36 KiB of it.
+    let header = Client::request(CMD_WRITE, 0, 1, 4096, 512 * 1024);
+    client.send(&header).await;
+    client.send(&vec![5u8; 100 * 1024]).await;
+    old.hand_over();
+    let (_, handed_over) = session.await.unwrap().unwrap();
+    let handed_over = handed_over.expect("suspended");
+    let pending = &handed_over.state.pending;
+    assert_eq!(
+        &pending[..28],
+        &header[..],
+        "the request is pending, not executed"
+    );
+    assert!(pending.len() >= 28 + 36 * 1024, "{} bytes", pending.len());
+    assert!(pending[28..].iter().all(|&b| b == 5));
+    let disk = &exports.get("disk").unwrap().disk;
+    assert_eq!(
+        disk.allocated_bytes(),
+        0,
+        "nothing applied before the hand-over"
+    );
+    let _resumed = resume(handed_over, &exports, &Shutdown::new());
+    client.send(&vec![5u8; 412 * 1024]).await;
+    assert_eq!(client.simple_reply(0).await, (0, 1, vec![]));
+    client
+        .send(&Client::request(CMD_READ, 0, 2, 0, 516 * 1024))
+        .await;
+    let (error, cookie, data) = client.simple_reply(516 * 1024).await;
+    assert_eq!((error, cookie), (0, 2));
+    assert!(data[..4096].iter().all(|&b| b == 0));
+    assert!(data[4096..].iter().all(|&b| b == 5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_write_completes_before_the_session_suspends() {
+    // An 8 MiB write streams into the store as it arrives: it cannot be carried over as
+    // pending bytes, so the session reads it to its end, replies, and only then suspends; the
+    // request after it is carried over.
+    let exports = exports(64 * MIB);
+    let old = Shutdown::new();
+    let (mut client, mut session) = start_suspendable(&exports, &old);
+    client.go(false).await;
+    client
+        .send(&Client::request(CMD_WRITE, 0, 1, 0, 8 << 20))
+        .await;
+    client.send(&vec![7u8; 2 << 20]).await;
+    old.hand_over();
+    let waiting = tokio::time::timeout(std::time::Duration::from_secs(5), &mut session).await;
+    assert!(waiting.is_err(), "suspended in the middle of a write");
+    let mut rest = vec![7u8; 6 << 20];
+    rest.extend(Client::request(CMD_READ, 0, 2, (8 << 20) - 4096, 8192));
+    client.send(&rest).await;
+    assert_eq!(
+        client.simple_reply(0).await,
+        (0, 1, vec![]),
+        "from the old session"
+    );
+    let (_, handed_over) = session.await.unwrap().unwrap();
+    let handed_over = handed_over.expect("suspended after the write");
+    let _resumed = resume(handed_over, &exports, &Shutdown::new());
+    let (error, cookie, data) = client.simple_reply(8192).await;
+    assert_eq!((error, cookie), (0, 2));
+    assert_eq!(data[..4096], [7u8; 4096]);
+    assert_eq!(data[4096..], [0u8; 4096]);
+}
+
+#[tokio::test]
+async fn structured_and_extended_sessions_keep_their_format_and_context_after_resuming() {
+    for extended in [false, true] {
+        let exports = exports(64 * MIB);
+        let old = Shutdown::new();
+        let (mut client, session) = start_suspendable(&exports, &old);
+        let context = client.go_with_block_status(extended).await;
+        let write = |cookie, offset, len: u32| {
+            let mut bytes = if extended {
+                Client::extended(CMD_WRITE, 0, cookie, offset, len.into())
+            } else {
+                Client::request(CMD_WRITE, 0, cookie, offset, len)
+            };
+            bytes.extend(vec![9u8; len as usize]);
+            bytes
+        };
+        client.send(&write(1, MIB, 8192)).await;
+        let done = if extended {
+            client.extended_chunk().await
+        } else {
+            client.structured_chunk().await
+        };
+        assert_eq!(done, (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, vec![]));
+        // Idle at the hand-over: suspends at once, nothing pending.
+        old.hand_over();
+        let (_, handed_over) = session.await.unwrap().unwrap();
+        let handed_over = handed_over.expect("suspended");
+        let state = &handed_over.state;
+        assert_eq!(
+            (state.structured, state.extended, state.base_allocation),
+            (true, extended, Some(context))
+        );
+        assert!(state.pending.is_empty());
+        let _resumed = resume(handed_over, &exports, &Shutdown::new());
+        let (kind, descriptor) = if extended {
+            let request = Client::extended(CMD_BLOCK_STATUS, 0, 2, 0, 4 * MIB);
+            client.send(&request).await;
+            (REPLY_TYPE_BLOCK_STATUS_EXT, 16)
+        } else {
+            let request = Client::request(CMD_BLOCK_STATUS, 0, 2, 0, 4 * MIB as u32);
+            client.send(&request).await;
+            (REPLY_TYPE_BLOCK_STATUS, 8)
+        };
+        let (flags, got_kind, cookie, payload) = if extended {
+            client.extended_chunk().await
+        } else {
+            client.structured_chunk().await
+        };
+        assert_eq!((flags, got_kind, cookie), (REPLY_FLAG_DONE, kind, 2));
+        assert_eq!(payload[..4], context.to_be_bytes());
+        // Extended: context, count, then (u64 length, u64 flags); structured: context, then
+        // (u32 length, u32 flags).
+        let header = if extended { 8 } else { 4 };
+        let extents: Vec<(u64, u64)> = payload[header..]
+            .chunks(descriptor)
+            .map(|d| {
+                let half = descriptor / 2;
+                let number = |b: &[u8]| b.iter().fold(0u64, |n, &x| n << 8 | u64::from(x));
+                (number(&d[..half]), number(&d[half..]))
+            })
+            .collect();
+        assert_eq!(
+            extents,
+            [(MIB, 3), (8192, 0), (3 * MIB - 8192, 3)],
+            "extended: {extended}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_session_is_not_resumed_onto_an_export_that_changed() {
+    let exports_before = exports(64 * MIB);
+    let old = Shutdown::new();
+    let (mut client, session) = start_suspendable(&exports_before, &old);
+    client.go(false).await;
+    old.hand_over();
+    let (_, handed_over) = session.await.unwrap().unwrap();
+    let HandedOver {
+        reader,
+        writer,
+        state,
+    } = handed_over.expect("suspended");
+    let resized = exports(32 * MIB);
+    assert_eq!(
+        state.negotiated(&resized).unwrap_err(),
+        super::ResumeError::SizeChanged {
+            name: "disk".to_owned(),
+            then: 64 * MIB,
+            now: 32 * MIB
+        }
+    );
+    let read_only = Arc::new(
+        Exports::new(&[ExportConfig {
+            name: "disk".to_owned(),
+            size: 64 * MIB,
+            read_only: true,
+            description: String::new(),
+            max_memory: None,
+        }])
+        .unwrap(),
+    );
+    assert!(matches!(
+        state.negotiated(&read_only).unwrap_err(),
+        super::ResumeError::Capabilities { .. }
+    ));
+    let other = Arc::new(Exports::new(&[]).unwrap());
+    assert!(matches!(
+        state.negotiated(&other).unwrap_err(),
+        super::ResumeError::NoExport(_)
+    ));
+    // The public entry point refuses it and closes the stream cleanly.
+    let resumed = super::resume(reader, writer, state, resized, Shutdown::new(), None);
+    assert!(resumed.await.is_none());
+    assert!(client.closed().await);
+}
+
+/// A socket's server half as a hand-over gives it to the service manager: a file descriptor
+/// and the encoded state.
+type Stored = (std::os::fd::OwnedFd, Vec<u8>);
+
+/// Drives a session over a real socket through a hand-over: a WRITE answered, then half a
+/// READ sent before the hand-over and the rest after; the resumed session answers the READ
+/// with the data written, then DISC.
+async fn hand_over_a_socket<S: AsyncRead + AsyncWrite + Unpin>(
+    client: S,
+    old: Shutdown,
+    serving: JoinHandle<Stored>,
+    resume: impl FnOnce(Stored) -> JoinHandle<Option<()>>,
+) {
+    let mut client = Client { stream: client };
+    client.go(false).await;
+    let mut write = Client::request(CMD_WRITE, 0, 1, 0, 4096);
+    write.extend([3u8; 4096]);
+    client.send(&write).await;
+    assert_eq!(client.simple_reply(0).await, (0, 1, vec![]));
+    let read = Client::request(CMD_READ, 0, 2, 0, 4096);
+    client.send(&read[..10]).await;
+    old.hand_over();
+    let stored = serving.await.unwrap();
+    let resumed = resume(stored);
+    client.send(&read[10..]).await;
+    assert_eq!(client.simple_reply(4096).await, (0, 2, vec![3u8; 4096]));
+    client.send(&Client::request(CMD_DISC, 0, 3, 0, 0)).await;
+    assert!(client.closed().await);
+    assert_eq!(
+        resumed.await.unwrap(),
+        None,
+        "closed by DISC, not handed over"
+    );
+}
+
+#[tokio::test]
+async fn real_sockets_are_handed_over_as_file_descriptors() {
+    use std::os::fd::OwnedFd;
+
+    use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+    let exports = exports(MIB);
+
+    let (client, server) = UnixStream::pair().unwrap();
+    let old = Shutdown::new();
+    let serving = tokio::spawn({
+        let (exports, old) = (Arc::clone(&exports), old.clone());
+        async move {
+            let (reader, writer) = server.into_split();
+            let handed_over = super::serve(reader, writer, exports, old, None).await;
+            let HandedOver {
+                reader,
+                writer,
+                state,
+            } = handed_over.expect("suspended");
+            let socket = reader.reunite(writer).unwrap().into_std().unwrap();
+            (OwnedFd::from(socket), state.encode())
+        }
+    });
+    let resume = |(fd, state): Stored| {
+        let exports = Arc::clone(&exports);
+        tokio::spawn(async move {
+            let state = Suspended::decode(&state).unwrap();
+            let socket = std::os::unix::net::UnixStream::from(fd);
+            socket.set_nonblocking(true).unwrap();
+            let (reader, writer) = UnixStream::from_std(socket).unwrap().into_split();
+            let ended = super::resume(reader, writer, state, exports, Shutdown::new(), None);
+            ended.await.map(|_| ())
+        })
+    };
+    hand_over_a_socket(client, old, serving, resume).await;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let old = Shutdown::new();
+    let serving = tokio::spawn({
+        let (exports, old) = (Arc::clone(&exports), old.clone());
+        async move {
+            let (reader, writer) = server.into_split();
+            let handed_over = super::serve(reader, writer, exports, old, None).await;
+            let HandedOver {
+                reader,
+                writer,
+                state,
+            } = handed_over.expect("suspended");
+            let socket = reader.reunite(writer).unwrap().into_std().unwrap();
+            (OwnedFd::from(socket), state.encode())
+        }
+    });
+    let resume = |(fd, state): Stored| {
+        let exports = Arc::clone(&exports);
+        tokio::spawn(async move {
+            let state = Suspended::decode(&state).unwrap();
+            let socket = std::net::TcpStream::from(fd);
+            socket.set_nonblocking(true).unwrap();
+            let (reader, writer) = TcpStream::from_std(socket).unwrap().into_split();
+            let ended = super::resume(reader, writer, state, exports, Shutdown::new(), None);
+            ended.await.map(|_| ())
+        })
+    };
+    hand_over_a_socket(client, old, serving, resume).await;
+}
+
+#[tokio::test]
+async fn the_server_collects_suspended_connections_and_a_second_one_adopts_them() {
+    use std::time::Duration;
+
+    use crate::server::{self, Listener, ServeOptions};
+
+    let exports = exports(MIB);
+    let options = ServeOptions {
+        max_connections: 4,
+        shutdown_grace: Duration::from_secs(5),
+        metrics: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let old = Shutdown::new();
+    let first = tokio::spawn(server::serve(
+        vec![Listener::Tcp(listener)],
+        Arc::clone(&exports),
+        options.clone(),
+        old.clone(),
+    ));
+    let mut clients = Vec::new();
+    for i in 0..3u8 {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut client = Client { stream };
+        client.go(false).await;
+        let mut write = Client::request(CMD_WRITE, 0, 1, u64::from(i) * 4096, 4096);
+        write.extend([i + 1; 4096]);
+        client.send(&write).await;
+        assert_eq!(client.simple_reply(0).await, (0, 1, vec![]));
+        clients.push(client);
+    }
+    // A request sent just before the hand-over: the old server or the new one answers it.
+    clients[0]
+        .send(&Client::request(CMD_READ, 0, 2, 4096, 4096))
+        .await;
+    old.hand_over();
+    let handed_over = first.await.unwrap();
+    assert_eq!(handed_over.len(), 3, "every connection handed over");
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "listener closed"
+    );
+
+    let new = Shutdown::new();
+    let second = tokio::spawn(server::serve_adopting(
+        Vec::new(),
+        handed_over,
+        Arc::clone(&exports),
+        options,
+        new.clone(),
+    ));
+    assert_eq!(clients[0].simple_reply(4096).await, (0, 2, vec![2; 4096]));
+    for (i, client) in clients.iter_mut().enumerate() {
+        let offset = ((i + 1) % 3) as u64 * 4096;
+        client
+            .send(&Client::request(CMD_READ, 0, 3, offset, 4096))
+            .await;
+        let expected = vec![((i + 1) % 3) as u8 + 1; 4096];
+        assert_eq!(client.simple_reply(4096).await, (0, 3, expected));
+        client.send(&Client::request(CMD_DISC, 0, 4, 0, 0)).await;
+        assert!(client.closed().await);
+    }
+    new.advance(Phase::Stopping);
+    assert!(second.await.unwrap().is_empty(), "nothing handed over");
 }

@@ -19,6 +19,12 @@
 //! wait, which pushes back on the client through TCP). Replies go out in request order, which
 //! the protocol allows.
 //!
+//! A hand-over ([`crate::shutdown::Shutdown::hand_over`]) stops the loop at a request
+//! boundary: no new request is started (a WRITE whose payload is streaming is received to its
+//! end first), every request started completes and has its reply sent, and the stream is
+//! returned with a [`Suspended`] state holding the bytes already read but not yet executed.
+//! [`transmit`] given that state's pending bytes carries on exactly where it stopped.
+//!
 //! Metrics count each request when the last byte of its reply has been written. Latency runs
 //! from the read that brought the request in. With metrics off nothing is recorded and no
 //! clock is read.
@@ -29,9 +35,9 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::Negotiated;
 use super::buffers::{ReceiveBuffer, SendBuffer};
 use super::command::{Command, Failure, MAX_DATA_CHUNK};
+use super::{HandedOver, Negotiated, Suspended};
 use crate::metrics::ExportMetrics;
 use crate::proto::Errno;
 use crate::proto::consts::*;
@@ -43,7 +49,7 @@ use crate::shutdown::{DRAIN_IDLE, LINGER, Phase, PhaseWatch};
 /// one streams into the store as it arrives.
 pub const WHOLE_PAYLOAD: usize = 1 << 20;
 /// The receive buffer holds one whole-payload request and its header.
-const RECEIVE_CAPACITY: usize = WHOLE_PAYLOAD + 4096;
+pub(super) const RECEIVE_CAPACITY: usize = WHOLE_PAYLOAD + 4096;
 /// Replies are encoded until this many bytes wait to be sent.
 const SEND_BATCH: usize = 256 * 1024;
 /// The send buffer has room for a batch plus one more piece of reply.
@@ -122,6 +128,8 @@ enum Produced {
     Yield,
     /// The client sent DISC: no more requests will be read.
     Disconnect,
+    /// Handing over: every request started has completed, and no new one is started.
+    Boundary,
 }
 
 /// What metrics need to know about a request until its reply has been written.
@@ -148,6 +156,8 @@ struct Connection<'a> {
     out_of_sync: Option<u32>,
     /// Shutdown has begun: new requests get ESHUTDOWN.
     draining: bool,
+    /// A hand-over has begun: no new request is started.
+    suspending: bool,
     stats: Stats,
     /// Metrics for this connection's export; `None` when metrics are off.
     metrics: Option<&'a ExportMetrics>,
@@ -157,17 +167,27 @@ struct Connection<'a> {
     unsent_meters: VecDeque<Meter>,
 }
 
+/// Runs the transmission phase until the client leaves, the stream breaks, shutdown closes it
+/// or a hand-over suspends it: then the stream and its state come back. `pending`: bytes
+/// received before this call (a resumed session's), executed before anything is read.
 pub async fn transmit<R, W>(
     mut reader: R,
     mut writer: W,
     negotiated: Negotiated,
+    pending: &[u8],
     mut watch: PhaseWatch,
     metrics: Option<std::sync::Arc<ExportMetrics>>,
-) -> io::Result<Stats>
+) -> io::Result<(Stats, Option<HandedOver<R, W>>)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    if pending.len() > RECEIVE_CAPACITY {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "more pending input than a receive buffer holds",
+        ));
+    }
     let mut conn = Connection {
         mode: negotiated.reply_mode(),
         negotiated: &negotiated,
@@ -177,11 +197,17 @@ where
         disconnected: false,
         out_of_sync: None,
         draining: false,
+        suspending: false,
         stats: Stats::default(),
         metrics: metrics.as_deref(),
         received_at: None,
         unsent_meters: VecDeque::with_capacity(if metrics.is_some() { 256 } else { 0 }),
     };
+    conn.input.spare()[..pending.len()].copy_from_slice(pending);
+    conn.input.filled_by(pending.len());
+    if conn.metrics.is_some() && !pending.is_empty() {
+        conn.received_at = Some(Instant::now());
+    }
     let mut end_of_input = false;
     loop {
         // The phase is read at every turn (one atomic load), not only when `changed` wakes
@@ -189,8 +215,11 @@ where
         // otherwise keep its requests executing after the signal.
         match watch.refresh() {
             Phase::Running => {}
+            Phase::Stopping if watch.handing_over() => conn.suspending = true,
             Phase::Stopping => conn.draining = true,
             Phase::Closing | Phase::Aborting => {
+                // Too late to hand over: close as any stop does.
+                conn.suspending = false;
                 conn.draining = true;
                 if !end_of_input {
                     // Stop reading: what needs more input is dropped unanswered.
@@ -201,6 +230,20 @@ where
         }
         let produced = conn.produce();
         let unsent = conn.output.has_unsent();
+        if produced == Produced::Boundary && !unsent {
+            // Every request started has its reply on the wire, and the stream stays open for
+            // the process that carries it on.
+            writer.flush().await?;
+            let state = Suspended::new(&negotiated, conn.input.filled());
+            tracing::debug!(pending = state.pending.len(), "suspended for a hand-over");
+            let stats = conn.stats;
+            let handed_over = HandedOver {
+                reader,
+                writer,
+                state,
+            };
+            return Ok((stats, Some(handed_over)));
+        }
         let finished =
             produced == Produced::Disconnect || (end_of_input && produced == Produced::NeedInput);
         if finished && !unsent {
@@ -223,7 +266,7 @@ where
                     format!("bad request magic {magic:#x}: stream out of sync"),
                 ));
             }
-            return Ok(conn.stats);
+            return Ok((conn.stats, None));
         }
         let receive = produced == Produced::NeedInput && !end_of_input && conn.input.has_spare();
         let idle = receive && conn.draining && !unsent && conn.ongoing.is_none();
@@ -273,6 +316,9 @@ impl<'a> Connection<'a> {
             }
             if self.disconnected {
                 return Produced::Disconnect;
+            }
+            if self.suspending {
+                return Produced::Boundary;
             }
             if let Some(wait) = self.next_request() {
                 return wait;
