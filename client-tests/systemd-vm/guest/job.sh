@@ -313,6 +313,8 @@ check "NRestarts=1 and the journal says the disk was adopted after the kill" \
 # Block b holds the last acknowledged write to it: the shadow has every acknowledged write.
 check "every acknowledged write reads back after the restart (64 blocks, O_DIRECT)" \
     sh -c 'dd if=/dev/nbd0 of=/run/readback bs=4096 count=64 iflag=direct status=none && /tmp/same_blocks /run/readback /run/writer.shadow 64'
+echo "---- the crash ----"
+cat /tmp/crash.txt
 echo "---- what the kernel saw during the crash ----"
 dmesg | grep -E "nbd|I/O error|blk_update" | head -n 20 | tee /tmp/crash-dmesg.txt
 echo "I/O errors in dmesg: $(grep -c "I/O error" /tmp/crash-dmesg.txt)"
