@@ -226,7 +226,12 @@ pub fn take_passed() -> io::Result<Passed> {
 /// store's module, at the cost of the passed descriptor staying open (one per disk, same
 /// memory) until the process exits.
 fn take_file(fds: &mut ListenFd, idx: usize, fd: usize, name: &str) -> io::Result<File> {
-    let raw = fds.take_raw_fd(idx)?.unwrap_or(fd as i32);
+    let raw = fds.take_raw_fd(idx)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {fd} ({name:?}) taken twice"),
+        )
+    })?;
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
