@@ -6,6 +6,7 @@
 //! store: [`store_handed_over`] puts them there (each socket under its own name, the states
 //! together in one memfd), [`take_handed_over`] takes them back.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -420,12 +421,9 @@ pub fn store_handed_over(parked: &[SuspendedConnection]) -> io::Result<()> {
     for (i, conn) in parked.iter().enumerate() {
         let name = format!("{CONN_PREFIX}{i}");
         systemd::store(&name, conn.socket.as_fd())?;
-        let state = conn.state.encode();
-        states.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        states.extend_from_slice(name.as_bytes());
-        states.extend_from_slice(&(state.len() as u32).to_be_bytes());
-        states.extend_from_slice(&state);
+        states.push((name, conn.state.encode()));
     }
+    let states = encode_states(&states);
     if !parked.is_empty() {
         let fd = rustix::fs::memfd_create("ramnbd:handover", rustix::fs::MemfdFlags::CLOEXEC)?;
         let mut file = File::from(fd);
@@ -446,17 +444,22 @@ pub fn store_handed_over(parked: &[SuspendedConnection]) -> io::Result<()> {
 const MAX_STATE: usize = 64 + 4096 + MAX_PENDING;
 
 /// Takes back connections an earlier process stored with [`store_handed_over`] (to resume
-/// with [`serve_adopting`]) and removes them from
-/// the fd store (this process holds them now). A connection without a readable state cannot
-/// be resumed (where its stream stands is unknown): it is closed.
+/// with [`serve_adopting`]) and removes them from the fd store (this process holds them now).
+/// A connection without a readable state cannot be resumed (where its stream stands is
+/// unknown): it is closed.
 pub fn take_handed_over(
     connections: Vec<StoredConnection>,
     state: Option<File>,
 ) -> Vec<SuspendedConnection> {
-    let mut states = std::collections::HashMap::new();
+    let mut states = HashMap::new();
     if let Some(mut file) = state {
-        if let Err(err) = read_states(&mut file, &mut states) {
-            tracing::warn!(cause = %err, "the stored connections' state is unreadable");
+        let mut bytes = Vec::new();
+        match file
+            .read_to_end(&mut bytes)
+            .and_then(|_| decode_states(&bytes))
+        {
+            Ok(decoded) => states = decoded,
+            Err(err) => tracing::warn!(cause = %err, "the stored connections' state is unreadable"),
         }
         systemd::remove_from_store(STATE_NAME);
     }
@@ -483,14 +486,23 @@ pub fn take_handed_over(
     parked
 }
 
-fn read_states(
-    file: &mut File,
-    states: &mut std::collections::HashMap<String, Vec<u8>>,
-) -> io::Result<()> {
+/// The state memfd's records: name length (u16), name, state length (u32), state; big-endian.
+fn encode_states(states: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, state) in states {
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(state.len() as u32).to_be_bytes());
+        out.extend_from_slice(state);
+    }
+    out
+}
+
+/// Reads what [`encode_states`] wrote; every length is checked before it is used.
+fn decode_states(bytes: &[u8]) -> io::Result<HashMap<String, Vec<u8>>> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    let mut rest = &bytes[..];
+    let mut states = HashMap::new();
+    let mut rest = bytes;
     while !rest.is_empty() {
         let (len, tail) = rest
             .split_at_checked(2)
@@ -513,7 +525,7 @@ fn read_states(
         states.insert(name.to_owned(), state.to_vec());
         rest = tail;
     }
-    Ok(())
+    Ok(states)
 }
 
 enum Stream {
@@ -558,5 +570,35 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
             let (stream, _) = l.accept().await?;
             Ok((Stream::Unix(stream), format!("unix:{}", path.display())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_records_round_trip_and_bad_ones_are_refused() {
+        let states = vec![
+            ("conn-0".to_owned(), b"first".to_vec()),
+            ("conn-1".to_owned(), Vec::new()),
+        ];
+        let bytes = encode_states(&states);
+        let decoded = decode_states(&bytes).unwrap();
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded["conn-0"], b"first");
+        assert_eq!(decoded["conn-1"], b"");
+        // Every truncation is an error, never a panic or a partial record.
+        for end in 1..bytes.len() {
+            if end == bytes.len() - 4 - 6 - 2 {
+                continue; // ends exactly after the first record: a valid file of one
+            }
+            assert!(decode_states(&bytes[..end]).is_err(), "cut at {end}");
+        }
+        // A length beyond any real state is refused before anything is read.
+        let mut huge = encode_states(&[("conn-0".to_owned(), Vec::new())]);
+        let at = huge.len() - 4;
+        huge[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_states(&huge).is_err());
     }
 }
