@@ -47,7 +47,8 @@ echo "installing $BIN as $DESTDIR$PREFIX/bin/ramnbd"
 install -D -m 0755 "$BIN" "$DESTDIR$PREFIX/bin/ramnbd"
 
 mkdir -p "$DESTDIR$UNITDIR"
-for unit in ramnbd.service ramnbd.socket ramnbd-attach@.service ramnbd-mkfs@.service \
+for unit in ramnbd.service ramnbd.socket ramnbd-attach@.service ramnbd-attach-persist@.service \
+    ramnbd-mkfs@.service \
     mnt-ramdisk.mount; do
     # The units name /usr/local/bin/ramnbd; point them at the installed binary.
     sed "s|/usr/local/bin/ramnbd|$PREFIX/bin/ramnbd|g" "$HERE/$unit" >"$DESTDIR$UNITDIR/$unit.tmp"

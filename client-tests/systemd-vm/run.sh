@@ -2,7 +2,8 @@
 # The real-systemd test: boots Debian bookworm with systemd as PID 1 in a qemu TCG VM, installs
 # ramnbd there with systemd/install.sh, and drives the units as an operator would (guest/job.sh):
 # ramnbd.socket -> socket-activated Type=notify ramnbd.service -> ramnbd-attach@nbd0 ->
-# ramnbd-mkfs@nbd0 -> mnt-ramdisk.mount, data, ordered stop, re-attach, clean stop.
+# ramnbd-mkfs@nbd0 -> mnt-ramdisk.mount, data, restarts and an upgrade under a writer (the fd
+# store), ordered stop, re-attach, clean stop, kill -9 under a writer.
 #
 #   client-tests/systemd-vm/run.sh
 #
@@ -11,7 +12,7 @@
 #
 # Environment:
 #   RAMNBD_BIN     the ramnbd binary to test (default: cargo build --release -p ramnbd)
-#   SDVM_TIMEOUT   hard limit for the VM in seconds (default 240)
+#   SDVM_TIMEOUT   hard limit for the VM in seconds (default 360)
 #   SDVM_KEEP_LOG  keep the console log here (default: client-tests/.cache/systemd-vm/console.log)
 # Needs root, qemu-system-x86, debootstrap, busybox-static (also for cpio), e2fsprogs; a missing
 # one is a FAIL. The image is built on first use (see image.sh) and cached. The VM itself is
@@ -26,7 +27,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=../lib/vm.sh
 . "$HERE/../lib/vm.sh"
 OUT=$REPO/client-tests/.cache/systemd-vm
-LIMIT=${SDVM_TIMEOUT:-240}
+LIMIT=${SDVM_TIMEOUT:-360}
 LOG=${SDVM_KEEP_LOG:-$OUT/console.log}
 T0=$SECONDS
 say() { echo "systemd-vm: $*"; }

@@ -106,16 +106,22 @@ impl NotifySocket {
         NotifySocket(socket)
     }
 
-    /// The next message, as its `KEY=VALUE` lines.
+    /// The next message, as its `KEY=VALUE` lines, past the disks' `FDSTORE=1` messages (a
+    /// server under a service manager puts each export's memfd in the fd store first).
     fn next(&self) -> Vec<String> {
         let mut buf = [0u8; 4096];
-        let n = self
-            .0
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("no notification within {TIMEOUT:?}: {e}"));
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        eprintln!("notify: {text:?}");
-        text.lines().map(str::to_owned).collect()
+        loop {
+            let n = self
+                .0
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no notification within {TIMEOUT:?}: {e}"));
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            eprintln!("notify: {text:?}");
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            if !lines.iter().any(|l| l == "FDSTORE=1") {
+                return lines;
+            }
+        }
     }
 
     fn nothing_pending(&self) -> bool {

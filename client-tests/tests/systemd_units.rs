@@ -11,18 +11,20 @@ use std::process::Command;
 use ramnbd_client_tests::server::{ramnbd_bin, workspace_root};
 use ramnbd_client_tests::{require_tool, run_ok};
 
-const UNITS: [&str; 5] = [
+const UNITS: [&str; 6] = [
     "ramnbd.socket",
     "ramnbd.service",
     "ramnbd-attach@.service",
+    "ramnbd-attach-persist@.service",
     "ramnbd-mkfs@.service",
     "mnt-ramdisk.mount",
 ];
 /// What `verify` loads: the templates as instances, the way the mount unit uses them.
-const VERIFY: [&str; 5] = [
+const VERIFY: [&str; 6] = [
     "ramnbd.socket",
     "ramnbd.service",
     "ramnbd-attach@nbd0.service",
+    "ramnbd-attach-persist@nbd1.service",
     "ramnbd-mkfs@nbd0.service",
     "mnt-ramdisk.mount",
 ];
@@ -142,6 +144,9 @@ fn the_units_say_what_the_issue_asks_for() {
         "ManagedOOMPreference=omit",
         "OOMScoreAdjust=",
         "# LimitMEMLOCK=infinity",
+        // Issue 10: the disks wait in the fd store across restarts and crashes.
+        "FileDescriptorStoreMax=4096",
+        "Restart=on-failure",
     ] {
         assert!(service.contains(line), "ramnbd.service lacks {line:?}");
     }
@@ -158,6 +163,18 @@ fn the_units_say_what_the_issue_asks_for() {
         assert!(
             attach.contains(line),
             "ramnbd-attach@.service lacks {line:?}"
+        );
+    }
+    let persist = read("ramnbd-attach-persist@.service");
+    for line in [
+        "-nonetlink -persist -nofork",
+        "Restart=always",
+        "Conflicts=ramnbd-attach@%i.service",
+        "ExecStop=/usr/sbin/nbd-client -d /dev/%i",
+    ] {
+        assert!(
+            persist.contains(line),
+            "ramnbd-attach-persist@.service lacks {line:?}"
         );
     }
     assert!(read("mnt-ramdisk.mount").contains("Options=_netdev,"));

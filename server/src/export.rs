@@ -1,11 +1,33 @@
 //! Exports: named RAM disks with their attributes, and what they advertise to clients.
+//!
+//! Under a service manager with a file-descriptor store ([`Exports::with_store`]), each disk is
+//! a memfd kept in the store: adopted with its data when one is stored under the export's name,
+//! created and stored otherwise. See [`crate::systemd`].
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use crate::config::{ExportConfig, MemoryConfig};
-use crate::ramdisk::{MemoryBudget, MemoryOptions, RamDisk};
+use crate::config::{BackingChoice, ExportConfig, MemoryConfig, format_size};
+use crate::ramdisk::{BackingKind, MemoryBudget, MemoryOptions, RamDisk};
+use crate::systemd::{self, Stored};
+
+/// How to discard a stored disk, for messages.
+pub const DISCARD_HINT: &str = "to discard the stored disk (its data is lost): systemctl stop \
+     ramnbd.service, then start it again (systemd 254 and later also: systemctl clean \
+     --what=fdstore ramnbd.service)";
+
+/// Where an export's disk comes from.
+#[derive(Debug)]
+enum Origin {
+    /// New private memory: the data end with the process.
+    Private,
+    /// A new memfd, to be put in the fd store.
+    ToStore,
+    /// The memfd of an earlier process, from the fd store, and the size it was created with.
+    Stored(File, u64),
+}
 
 /// One named export: a RAM region plus the attributes clients see.
 #[derive(Debug)]
@@ -24,21 +46,79 @@ impl Export {
         memory: &MemoryConfig,
         global: Option<&Arc<MemoryBudget>>,
     ) -> io::Result<Self> {
+        Self::open(config, memory, global, Origin::Private)
+    }
+
+    fn open(
+        config: &ExportConfig,
+        memory: &MemoryConfig,
+        global: Option<&Arc<MemoryBudget>>,
+        origin: Origin,
+    ) -> io::Result<Self> {
         let own = config
             .max_memory
             .map(|limit| Arc::new(MemoryBudget::new(limit)));
-        let options = MemoryOptions {
+        let mut options = MemoryOptions {
             budgets: own.into_iter().chain(global.cloned()).collect(),
             mlock: memory.mlock,
             hugepages: memory.hugepages,
             backing: memory.backing.resolve(|name| std::env::var_os(name)),
             name: config.name.clone(),
         };
+        let disk = match origin {
+            Origin::Private => RamDisk::with_options(config.size, &options)?,
+            Origin::ToStore => {
+                options.backing = BackingKind::Memfd;
+                let disk = RamDisk::with_options(config.size, &options)?;
+                let stored = disk.backing_fd().map(|fd| {
+                    systemd::store(&systemd::disk_fd_name(&config.name, config.size), fd)
+                });
+                match stored {
+                    Some(Ok(())) => tracing::info!(
+                        export = %config.name,
+                        "disk created and put in the service manager's fd store"
+                    ),
+                    Some(Err(err)) => tracing::warn!(
+                        export = %config.name,
+                        cause = %err,
+                        "cannot put the disk in the fd store: its data will not survive a restart"
+                    ),
+                    None => {}
+                }
+                disk
+            }
+            Origin::Stored(file, stored_size) => {
+                if stored_size != config.size {
+                    // Failing would lose the data (systemd releases the store of a failed
+                    // unit); serving the stored disk as it is keeps it.
+                    tracing::error!(
+                        export = %config.name,
+                        "the stored disk is {} but the configuration says {}: serving the \
+                         stored disk at its own size, unchanged; {DISCARD_HINT}",
+                        format_size(stored_size),
+                        format_size(config.size),
+                    );
+                }
+                let disk = RamDisk::adopt(file.into(), stored_size, &options).map_err(|err| {
+                    io::Error::new(
+                        err.kind(),
+                        format!("cannot adopt the stored disk: {err}; {DISCARD_HINT}"),
+                    )
+                })?;
+                tracing::info!(
+                    export = %config.name,
+                    size = stored_size,
+                    held_bytes = disk.allocated_bytes(),
+                    "adopted stored disk"
+                );
+                disk
+            }
+        };
         Ok(Self {
             name: config.name.clone(),
             description: config.description.clone(),
             read_only: config.read_only,
-            disk: RamDisk::with_options(config.size, &options)?,
+            disk,
         })
     }
 
@@ -64,6 +144,24 @@ impl Exports {
 
     /// Like `new`, under a server-wide memory policy.
     pub fn with_memory(configs: &[ExportConfig], memory: &MemoryConfig) -> io::Result<Self> {
+        Self::create(configs, memory, None)
+    }
+
+    /// Like `with_memory`, with every disk in the service manager's fd store: adopted from
+    /// `stored` where it holds one for the export, created and stored otherwise.
+    pub fn with_store(
+        configs: &[ExportConfig],
+        memory: &MemoryConfig,
+        stored: &mut Stored,
+    ) -> io::Result<Self> {
+        Self::create(configs, memory, Some(stored))
+    }
+
+    fn create(
+        configs: &[ExportConfig],
+        memory: &MemoryConfig,
+        mut stored: Option<&mut Stored>,
+    ) -> io::Result<Self> {
         let mut exports = Self {
             global_budget: memory
                 .max_memory
@@ -72,7 +170,17 @@ impl Exports {
         };
         for config in configs {
             let global = exports.global_budget.as_ref();
-            let export = Export::new(config, memory, global).map_err(|err| {
+            let origin = match stored.as_deref_mut() {
+                None => Origin::Private,
+                Some(stored) => match stored.take_disk(&config.name) {
+                    Some((file, size)) => Origin::Stored(file, size),
+                    // `backing = "anonymous"` is an explicit choice of memory that ends with
+                    // the process, fd store or not.
+                    None if memory.backing == BackingChoice::Anonymous => Origin::Private,
+                    None => Origin::ToStore,
+                },
+            };
+            let export = Export::open(config, memory, global, origin).map_err(|err| {
                 io::Error::new(err.kind(), format!("export {:?}: {err}", config.name))
             })?;
             exports

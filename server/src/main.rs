@@ -14,7 +14,7 @@ use ramnbd::export::Exports;
 use ramnbd::metrics::{self, Metrics};
 use ramnbd::server::{self, ServeOptions};
 use ramnbd::shutdown::{Phase, Shutdown};
-use ramnbd::systemd::{self, Inherited};
+use ramnbd::systemd::{self, Passed};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_appender::non_blocking::WorkerGuard;
@@ -49,8 +49,8 @@ fn main() -> anyhow::Result<ExitCode> {
         );
     }
     // Before any thread exists: listenfd removes LISTEN_FDS/LISTEN_PID from the environment.
-    let inherited = systemd::take_activation()?;
-    if inherited.is_some() && listen_flags {
+    let passed = systemd::take_passed()?;
+    if !passed.listeners.is_empty() && listen_flags {
         anyhow::bail!(
             "--listen and --unix cannot be used under socket activation (LISTEN_FDS is set): \
              the sockets passed by the service manager are served; drop the flags or the \
@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<ExitCode> {
         .thread_name("ramnbd")
         .build()
         .context("starting the async runtime")?
-        .block_on(run(config, inherited))?;
+        .block_on(run(config, passed))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -140,8 +140,10 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<WorkerGuard> {
 
 /// SIGTERM and SIGINT move the stop on one phase each (see `ramnbd::shutdown`): the first
 /// stops accepting and lets requests in flight finish, the second closes connections after
-/// their queued replies, the third drops whatever is left at once.
-fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
+/// their queued replies, the third drops whatever is left at once. With `hand_over` (the fd
+/// store is in use), the first SIGTERM is a hand-over instead: sessions suspend at a request
+/// boundary, to be stored and resumed by the next process.
+fn spawn_signal_handler(shutdown: Shutdown, hand_over: bool) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     tokio::spawn(async move {
@@ -150,6 +152,12 @@ fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
                 _ = sigterm.recv() => "SIGTERM",
                 _ = sigint.recv() => "SIGINT",
             };
+            if hand_over && name == "SIGTERM" && shutdown.phase() == Phase::Running {
+                tracing::info!("{name} received: handing the connections over");
+                systemd::stopping("handing over: suspending connections at a request boundary");
+                shutdown.hand_over();
+                continue;
+            }
             match shutdown.escalate() {
                 Phase::Running => {}
                 Phase::Stopping => {
@@ -173,19 +181,39 @@ fn log_memory(exports: &Exports, what: &str) {
     }
 }
 
-async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Result<()> {
+async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
+    let Passed {
+        listeners: inherited,
+        mut stored,
+    } = passed;
     // Signals first: a stop requested while exports are created or sockets bound still stops
     // cleanly (Unix socket files removed, exit 0) instead of killing the process half set up.
     let shutdown = Shutdown::new();
-    spawn_signal_handler(shutdown.clone())?;
+    let fd_store = systemd::fd_store_available();
+    spawn_signal_handler(shutdown.clone(), fd_store)?;
     if let Some(path) = &config.source {
         tracing::info!(config = %path.display(), "configuration loaded");
     }
-    let exports = Arc::new(
-        Exports::with_memory(&config.exports, &config.memory).context("creating exports")?,
-    );
+    // Under a service manager the disks live in its fd store, so that they outlive this
+    // process (a restart, an upgrade, a crash); `systemctl stop` releases them.
+    let exports = if fd_store {
+        Exports::with_store(&config.exports, &config.memory, &mut stored)
+    } else {
+        Exports::with_memory(&config.exports, &config.memory)
+    };
+    let exports = Arc::new(exports.context("creating exports")?);
+    // Connections an earlier process handed over, resumed as soon as serving starts.
+    let (connections, state) = stored.take_connections();
+    let resumed = server::take_handed_over(connections, state);
+    if !resumed.is_empty() {
+        tracing::info!(
+            connections = resumed.len(),
+            "resuming handed-over connections"
+        );
+    }
+    stored.discard_rest();
     log_memory(&exports, "memory at start");
-    let listeners = match inherited {
+    let listeners = match (!inherited.is_empty()).then_some(inherited) {
         Some(sockets) => {
             tracing::info!(
                 sockets = sockets.len(),
@@ -247,7 +275,19 @@ async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Resul
         shutdown_grace: config.shutdown_grace,
         metrics,
     };
-    server::serve(listeners, Arc::clone(&exports), options, shutdown).await;
+    let parked = server::serve_adopting(
+        listeners,
+        resumed,
+        Arc::clone(&exports),
+        options,
+        shutdown.clone(),
+    )
+    .await;
+    if shutdown.handing_over() {
+        // The disks are in the store already; the connections and their states go there now,
+        // before this process exits (PID 1 reads them before it sees the exit).
+        server::store_handed_over(&parked).context("storing the handed-over connections")?;
+    }
     metrics_done.cancel();
     log_memory(&exports, "memory at stop");
     tracing::info!("stopped");

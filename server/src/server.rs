@@ -2,10 +2,14 @@
 //! peer and export, and a slot under the connection cap; shutdown stops accepting and lets
 //! sessions finish what they started. A hand-over ([`Shutdown::hand_over`]) collects the
 //! connections the sessions suspended, as sockets and states for the next process, which
-//! adopts them with [`serve_adopting`].
+//! adopts them with [`serve_adopting`]. Between the two they wait in the service manager's fd
+//! store: [`store_handed_over`] puts them there (each socket under its own name, the states
+//! together in one memfd), [`take_handed_over`] takes them back.
 
-use std::io;
-use std::os::fd::OwnedFd;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,9 +22,9 @@ use tracing::Instrument;
 use crate::config::ListenAddr;
 use crate::export::Exports;
 use crate::metrics::Metrics;
-use crate::session::{self, HandedOver, Suspended};
+use crate::session::{self, HandedOver, MAX_PENDING, Suspended};
 use crate::shutdown::{self, CLOSE_FLUSH, Phase, Shutdown};
-use crate::systemd::{Inherited, InheritedSocket};
+use crate::systemd::{self, CONN_PREFIX, Inherited, InheritedSocket, STATE_NAME, StoredConnection};
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -407,6 +411,123 @@ async fn accept_loop(
     }
 }
 
+/// Puts suspended connections in the fd store: each socket under `conn-N`, and their states,
+/// one record per connection (name length u16, name, state length u32, the encoded
+/// [`Suspended`]; big-endian), in one memfd under [`STATE_NAME`]. Logs what was handed over.
+/// The next process takes them back with [`take_handed_over`].
+pub fn store_handed_over(parked: &[SuspendedConnection]) -> io::Result<()> {
+    let pending: usize = parked.iter().map(|c| c.state.pending.len()).sum();
+    let mut states = Vec::new();
+    for (i, conn) in parked.iter().enumerate() {
+        let name = format!("{CONN_PREFIX}{i}");
+        systemd::store(&name, conn.socket.as_fd())?;
+        states.push((name, conn.state.encode()));
+    }
+    let states = encode_states(&states);
+    if !parked.is_empty() {
+        let fd = rustix::fs::memfd_create("ramnbd:handover", rustix::fs::MemfdFlags::CLOEXEC)?;
+        let mut file = File::from(fd);
+        file.write_all(&states)?;
+        systemd::store(STATE_NAME, file.as_fd())?;
+    }
+    tracing::info!(
+        connections = parked.len(),
+        pending_bytes = pending,
+        "handed over {} connections with {pending} bytes pending",
+        parked.len()
+    );
+    Ok(())
+}
+
+/// The longest encoded state [`take_handed_over`] reads: the header, a 4096-byte export name, and
+/// the most pending input a session can have.
+const MAX_STATE: usize = 64 + 4096 + MAX_PENDING;
+
+/// Takes back connections an earlier process stored with [`store_handed_over`] (to resume
+/// with [`serve_adopting`]) and removes them from the fd store (this process holds them now).
+/// A connection without a readable state cannot be resumed (where its stream stands is
+/// unknown): it is closed.
+pub fn take_handed_over(
+    connections: Vec<StoredConnection>,
+    state: Option<File>,
+) -> Vec<SuspendedConnection> {
+    let mut states = HashMap::new();
+    if let Some(mut file) = state {
+        let mut bytes = Vec::new();
+        match file
+            .read_to_end(&mut bytes)
+            .and_then(|_| decode_states(&bytes))
+        {
+            Ok(decoded) => states = decoded,
+            Err(err) => tracing::warn!(cause = %err, "the stored connections' state is unreadable"),
+        }
+        systemd::remove_from_store(STATE_NAME);
+    }
+    let mut parked = Vec::new();
+    for conn in connections {
+        systemd::remove_from_store(&conn.name);
+        match states
+            .remove(&conn.name)
+            .map(|bytes: Vec<u8>| Suspended::decode(&bytes))
+        {
+            Some(Ok(state)) => parked.push(SuspendedConnection {
+                socket: conn.socket,
+                state,
+            }),
+            Some(Err(err)) => {
+                tracing::warn!(fd_name = conn.name, cause = %err, "closing a stored connection")
+            }
+            None => tracing::warn!(
+                fd_name = conn.name,
+                "closing a stored connection that has no state"
+            ),
+        }
+    }
+    parked
+}
+
+/// The state memfd's records: name length (u16), name, state length (u32), state; big-endian.
+fn encode_states(states: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, state) in states {
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(state.len() as u32).to_be_bytes());
+        out.extend_from_slice(state);
+    }
+    out
+}
+
+/// Reads what [`encode_states`] wrote; every length is checked before it is used.
+fn decode_states(bytes: &[u8]) -> io::Result<HashMap<String, Vec<u8>>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut states = HashMap::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_at_checked(2)
+            .ok_or_else(|| bad("truncated name length"))?;
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        let (name, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| bad("truncated name"))?;
+        let name = std::str::from_utf8(name).map_err(|_| bad("name not UTF-8"))?;
+        let (len, tail) = tail
+            .split_at_checked(4)
+            .ok_or_else(|| bad("truncated state length"))?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len > MAX_STATE {
+            return Err(bad("state too long"));
+        }
+        let (state, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| bad("truncated state"))?;
+        states.insert(name.to_owned(), state.to_vec());
+        rest = tail;
+    }
+    Ok(states)
+}
+
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
@@ -449,5 +570,35 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
             let (stream, _) = l.accept().await?;
             Ok((Stream::Unix(stream), format!("unix:{}", path.display())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_records_round_trip_and_bad_ones_are_refused() {
+        let states = vec![
+            ("conn-0".to_owned(), b"first".to_vec()),
+            ("conn-1".to_owned(), Vec::new()),
+        ];
+        let bytes = encode_states(&states);
+        let decoded = decode_states(&bytes).unwrap();
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded["conn-0"], b"first");
+        assert_eq!(decoded["conn-1"], b"");
+        // Every truncation is an error, never a panic or a partial record.
+        for end in 1..bytes.len() {
+            if end == bytes.len() - 4 - 6 - 2 {
+                continue; // ends exactly after the first record: a valid file of one
+            }
+            assert!(decode_states(&bytes[..end]).is_err(), "cut at {end}");
+        }
+        // A length beyond any real state is refused before anything is read.
+        let mut huge = encode_states(&[("conn-0".to_owned(), Vec::new())]);
+        let at = huge.len() - 4;
+        huge[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_states(&huge).is_err());
     }
 }

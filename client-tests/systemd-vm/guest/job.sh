@@ -32,6 +32,8 @@ journal_order() {
     [ -n "$a" ] && [ -n "$b" ] && [ "$a" -lt "$b" ]
 }
 service_running() { systemctl is-active --quiet ramnbd.service; }
+# now_ms: wall-clock milliseconds (this is sh: no $EPOCHREALTIME).
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
 # metric NAME{LABELS}: its value from the server's /metrics endpoint (bash's /dev/tcp).
 cat >/tmp/metric <<'SCRIPT'
 #!/bin/bash
@@ -40,6 +42,57 @@ printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
 tr -d '\r' <&3 | awk -v s="$1" '$1 == s { print $2 }'
 SCRIPT
 chmod 755 /tmp/metric
+# writer TARGET BLOCKS STOPFILE [ACKED]: rewrites 4 KiB blocks of TARGET in turn with O_DIRECT
+# (each write returns once the server has replied) until STOPFILE exists. Each block says
+# which block and which write it is; a shadow copy in /run gets every write that succeeded
+# (compare it with TARGET afterwards). A failed write is retried until it succeeds; if the
+# last one failed, its block may hold either contents: /run/writer.unsure names it.
+# ACKED, if given, gets the number of each write that succeeded, once it has (with dsync: the
+# kernel also flushed). Prints "writes= errors= max_ms=": max_ms is the longest single write
+# (failed or not), the longest pause the writer saw.
+cat >/tmp/writer <<'SCRIPT'
+#!/bin/bash
+target=$1 blocks=$2 stop=$3 acked=${4:-}
+shadow=/run/writer.shadow flags=direct
+[ -n "$acked" ] && flags=direct,dsync && : >"$acked"
+rm -f /run/writer.unsure
+i=0 errors=0 max=0 failed=0
+while [ ! -e "$stop" ]; do
+    b=$((i % blocks))
+    printf '%-4095s\n' "block $b write $i" >/run/writer.block
+    t0=${EPOCHREALTIME/./}
+    if dd if=/run/writer.block of="$target" bs=4096 seek=$b count=1 oflag=$flags conv=notrunc \
+        status=none 2>>/run/writer.err; then
+        t1=${EPOCHREALTIME/./}
+        dd if=/run/writer.block of=$shadow bs=4096 seek=$b count=1 conv=notrunc status=none
+        [ -n "$acked" ] && echo "$i" >>"$acked"
+        i=$((i + 1)) failed=0
+    else
+        t1=${EPOCHREALTIME/./}
+        errors=$((errors + 1)) failed=1
+        sleep 0.05
+    fi
+    [ $((t1 - t0)) -gt $max ] && max=$((t1 - t0))
+done
+[ $failed = 1 ] && echo "$b" >/run/writer.unsure && cp /run/writer.block /run/writer.unsure.block
+echo "writes=$i errors=$errors max_ms=$((max / 1000))"
+SCRIPT
+# same_blocks A B N: the N 4 KiB blocks of A and B are the same, except that the block the
+# writer was unsure of may instead hold its last (failed) write.
+cat >/tmp/same_blocks <<'SCRIPT'
+#!/bin/bash
+unsure=$(cat /run/writer.unsure 2>/dev/null)
+for ((b = 0; b < $3; b++)); do
+    cmp -s <(dd if="$1" bs=4096 skip=$b count=1 status=none) <(dd if="$2" bs=4096 skip=$b count=1 status=none) && continue
+    if [ "$b" = "$unsure" ] && cmp -s <(dd if="$1" bs=4096 skip=$b count=1 status=none) /run/writer.unsure.block; then
+        continue
+    fi
+    echo "block $b differs: $(dd if="$1" bs=4096 skip=$b count=1 status=none | head -c 40) / expected $(dd if="$2" bs=4096 skip=$b count=1 status=none | head -c 40)"
+    exit 1
+done
+SCRIPT
+chmod 755 /tmp/same_blocks
+chmod 755 /tmp/writer
 
 echo "systemd-vm job: $(systemctl --version | head -n1), kernel $(uname -r)"
 # PID 1 logs notification messages (READY=1, STOPPING=1) at debug level only.
@@ -89,7 +142,64 @@ check "metrics: the sandboxed server counts writes and sees its resident RAM (mi
            echo "writes=$w resident=$r allocated=$a";
            [ "${w:-0}" -gt 0 ] && [ "${r:-0}" -ge 16777216 ] && [ "${a:-0}" -ge 16777216 ]'
 
+# Restarts and an upgrade under a writer: the server hands every connection over to the fd
+# store and the next process resumes it, so the kernel sees a pause, not a disconnect.
+check "a 1 MiB file for the writer, written and synced" \
+    sh -c 'dd if=/dev/zero of=/mnt/ramdisk/w bs=1M count=1 status=none && sync && cp /mnt/ramdisk/w /run/writer.shadow'
+# restart_round N WHAT: the writer runs while ramnbd.service is restarted; one line of figures.
+restart_round() {
+    cursor=$(since_cursor)
+    old_pid=$(systemctl show -P MainPID ramnbd.service)
+    rm -f /run/writer.stop
+    /tmp/writer /mnt/ramdisk/w 256 /run/writer.stop >/run/writer.out 2>&1 &
+    wpid=$!
+    sleep 0.5
+    t0=$(now_ms)
+    systemctl restart ramnbd.service
+    t1=$(now_ms)
+    sleep 0.5
+    touch /run/writer.stop
+    wait $wpid
+    new_pid=$(systemctl show -P MainPID ramnbd.service)
+    journalctl --after-cursor="$cursor" -u ramnbd.service -o cat >/run/round.txt
+    # journald writes what it is sent asynchronously: give the resumed session's line a moment.
+    grep -q "transmission resumed" /run/round.txt ||
+        { sleep 1; journalctl --after-cursor="$cursor" -u ramnbd.service -o cat >/run/round.txt; }
+    handed=$(grep -o "handed over [0-9]* connections with [0-9]* bytes pending" /run/round.txt | head -n 1)
+    adopted=$(grep -c "adopted stored disk" /run/round.txt)
+    resumed=$(grep -c "transmission resumed" /run/round.txt)
+    echo "restart $1 ($2): pid $old_pid -> $new_pid, systemctl restart $((t1 - t0)) ms; ${handed:-nothing handed over}; disks adopted $adopted, connections resumed $resumed; writer $(cat /run/writer.out)" | tee -a /tmp/restarts.txt
+    [ "$new_pid" != "$old_pid" ] && [ -n "$handed" ] && [ "$adopted" -ge 1 ] && [ "$resumed" -ge 1 ] &&
+        grep -q " errors=0 " /run/writer.out
+}
+: >/tmp/restarts.txt
+dmesg -C
+for i in 1 2 3 4 5; do
+    check "restart $i under the writer: connection handed over and resumed, no write failed" restart_round $i restart
+done
+# The upgrade: a different binary (the same build with bytes appended: another file, another
+# checksum, as a new release would be), installed over the old one, then a restart.
+check "install a different binary (an upgrade)" \
+    sh -c 'old=$(sha256sum </usr/local/bin/ramnbd); cp /usr/local/bin/ramnbd /tmp/ramnbd.new &&
+           printf "upgrade" >>/tmp/ramnbd.new && install -m 0755 /tmp/ramnbd.new /usr/local/bin/ramnbd.new &&
+           mv /usr/local/bin/ramnbd.new /usr/local/bin/ramnbd && [ "$(sha256sum </usr/local/bin/ramnbd)" != "$old" ]'
+check "restart 6 onto the upgraded binary under the writer: handed over, no write failed" restart_round 6 upgrade
+echo "---- restarts ----"
+cat /tmp/restarts.txt
+check "the writer's data reads back from the device after dropping caches" \
+    sh -c 'echo 3 >/proc/sys/vm/drop_caches && cmp /mnt/ramdisk/w /run/writer.shadow'
+check "the 16 MiB file written before the restarts is intact" \
+    sh -c 'echo 3 >/proc/sys/vm/drop_caches && sha256sum -c /tmp/data.sha256'
+check "no I/O error or dead connection in dmesg during the restarts" \
+    sh -c 'dmesg | grep -E "nbd|EXT4|I/O error|blk_update" | tee /dev/stderr | grep -E "I/O error|Dead connection|Receive control failed|shutting down" && exit 1; exit 0'
+check "the running server is the upgraded binary" \
+    sh -c 'pid=$(systemctl show -P MainPID ramnbd.service); cmp /proc/$pid/exe /tmp/ramnbd.new'
+check "six restarts in the journal, each adopting the disk; NRestarts=0 (no automatic restart)" \
+    sh -c 'a=$(journalctl -b -u ramnbd.service -o cat | grep -c "adopted stored disk"); r=$(systemctl show -P NRestarts ramnbd.service);
+           echo "adopted=$a NRestarts=$r"; [ "$a" -eq 6 ] && [ "$r" -eq 0 ]'
+
 check "systemctl stop mnt-ramdisk.mount" systemctl stop mnt-ramdisk.mount
+check "fsck -n: the file system is clean after the restarts" fsck.ext4 -n -f /dev/nbd0
 check "systemctl stop ramnbd-attach@nbd0.service (nbd-client -d)" systemctl stop ramnbd-attach@nbd0.service
 check "/dev/nbd0 is detached" sh -c '! test -e /sys/block/nbd0/pid'
 check "the server keeps running with no client" service_running
@@ -156,10 +266,62 @@ check "journal: no warnings or errors from ramnbd" \
 # Socket activation again: a new client gets a fresh (empty) disk.
 check "systemctl start ramnbd.socket; a new attach starts a fresh server" \
     sh -c 'systemctl start ramnbd.socket && systemctl start ramnbd-attach@nbd0.service && systemctl is-active --quiet ramnbd.service'
-check "the fresh server's disk is empty (RAM contents do not survive a restart)" \
+check "after a stop the disk is empty (systemctl stop released the fd store; restarts keep it)" \
     sh -c '[ -z "$(blkid -p /dev/nbd0)" ]'
-check "systemctl stop ramnbd-attach@nbd0.service ramnbd.service ramnbd.socket" \
-    systemctl stop ramnbd-attach@nbd0.service ramnbd.service ramnbd.socket
+
+# A crash: SIGKILL while a writer writes to the raw device (O_DIRECT + dsync, each write
+# logged once acknowledged). PID 1 restarts ramnbd (Restart=on-failure), which adopts the disk
+# from the fd store; the persist-mode client reconnects. Every acknowledged write must read
+# back.
+check "attach with the reconnecting client (ramnbd-attach-persist@nbd0: nbd-client -nonetlink -persist)" \
+    sh -c 'systemctl stop ramnbd-attach@nbd0.service && systemctl start ramnbd-attach-persist@nbd0.service &&
+           n=0; until [ -e /sys/block/nbd0/pid ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done; test -e /sys/block/nbd0/pid'
+crash_round() {
+    cursor=$(since_cursor)
+    old_pid=$(systemctl show -P MainPID ramnbd.service)
+    dmesg -C
+    rm -f /run/writer.stop
+    dd if=/dev/zero of=/run/writer.shadow bs=4096 count=64 status=none
+    /tmp/writer /dev/nbd0 64 /run/writer.stop /run/acked >/run/writer.out 2>&1 &
+    wpid=$!
+    sleep 1.5
+    before=$(wc -l </run/acked)
+    systemctl kill -s SIGKILL ramnbd.service
+    t0=$(now_ms)
+    n=0
+    until { pid=$(systemctl show -P MainPID ramnbd.service); [ "$pid" != 0 ] && [ "$pid" != "$old_pid" ] && service_running; } || [ $n -ge 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    t1=$(now_ms)
+    # The writer keeps going until it has had 5 more acknowledged writes (the client has
+    # reconnected), or 20 s.
+    n=0
+    until [ "$(wc -l </run/acked)" -ge $((before + 5)) ] || [ $n -ge 200 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    touch /run/writer.stop
+    wait $wpid
+    echo "kill -9: pid $old_pid -> $pid after $((t1 - t0)) ms; acknowledged before the kill: $before, in all: $(wc -l </run/acked); writer $(cat /run/writer.out)" | tee /tmp/crash.txt
+    journalctl --after-cursor="$cursor" -u ramnbd.service -o cat | grep -E "adopted stored disk|Main process exited|Scheduled restart" | tee -a /tmp/crash.txt
+    [ "$pid" != "$old_pid" ] && [ "$(wc -l </run/acked)" -ge $((before + 5)) ]
+}
+check "SIGKILL during writes: PID 1 restarts ramnbd and the client reconnects" crash_round
+check "NRestarts=1 and the journal says the disk was adopted after the kill" \
+    sh -c 'r=$(systemctl show -P NRestarts ramnbd.service); echo "NRestarts=$r"; [ "$r" -eq 1 ] && grep -q "adopted stored disk" /tmp/crash.txt'
+# Block b holds the last acknowledged write to it: the shadow has every acknowledged write.
+check "every acknowledged write reads back after the restart (64 blocks, O_DIRECT)" \
+    sh -c 'dd if=/dev/nbd0 of=/run/readback bs=4096 count=64 iflag=direct status=none && /tmp/same_blocks /run/readback /run/writer.shadow 64'
+echo "---- the crash ----"
+cat /tmp/crash.txt
+echo "---- what the kernel saw during the crash ----"
+dmesg | grep -E "nbd|I/O error|blk_update" | head -n 20 | tee /tmp/crash-dmesg.txt
+echo "I/O errors in dmesg: $(grep -c "I/O error" /tmp/crash-dmesg.txt)"
+check "systemctl stop ramnbd-attach-persist@nbd0.service (nbd-client -d)" \
+    sh -c 'systemctl stop ramnbd-attach-persist@nbd0.service && ! test -e /sys/block/nbd0/pid'
+check "systemctl stop ramnbd.service ramnbd.socket" \
+    systemctl stop ramnbd.service ramnbd.socket
 
 # Leave the whole stack up for the poweroff: the host checks that the shutdown stopped it in
 # order (no I/O error on nbd0 on the console before SHUTDOWN-REACHED).
@@ -170,7 +332,7 @@ echo "POWEROFF-WITH-STACK-UP"
 echo "---- journal of the units (ramnbd, attach, mkfs, mount) ----"
 journalctl -b -o short-monotonic --no-pager -p info \
     -u ramnbd.socket -u ramnbd.service -u ramnbd-attach@nbd0.service -u ramnbd-mkfs@nbd0.service \
-    -u mnt-ramdisk.mount | tail -n 70 | cut -c1-200
+    -u mnt-ramdisk.mount -u ramnbd-attach-persist@nbd0.service | tail -n 70 | cut -c1-200
 echo "---- notification messages seen by PID 1 ----"
 journalctl -b -o cat --no-pager | grep "ramnbd.service: Got notification message" | cut -c1-200
 echo "---- end of journal ----"
