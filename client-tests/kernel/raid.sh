@@ -21,8 +21,11 @@
 #
 # Environment: RAID_HOST, RAID_PORT_A, RAID_PORT_B (the two servers, export
 # "" and "wm" each), RAID_CTL_PORT (the host's control line), RAID_DISK (an
-# empty local disk, /dev/vda), RAID_NBD_TIMEOUT (nbd-client -t), TREE.
+# empty local disk, /dev/vda), RAID_NBD_TIMEOUT (nbd-client -t),
+# RAID_NBD_OPTS (more nbd-client options for the members, e.g. -nonetlink;
+# default none), TREE.
 
+RAID_NBD_OPTS=${RAID_NBD_OPTS:-}
 RAID_A=/dev/nbd1
 RAID_B=/dev/nbd2
 RAID_W=/dev/nbd3
@@ -66,7 +69,8 @@ nbd_dev_released() { [ ! -e "$(sysblk "$1")/pid" ] && [ "$(cat "$(sysblk "$1")/s
 raid_attach() {
     local dev="$1" out
     if [ -n "$3" ]; then set -- "$RAID_HOST" "$2" "$dev" -N "$3"; else set -- "$RAID_HOST" "$2" "$dev"; fi
-    out=$(nbd-client "$@" -t "$RAID_NBD_TIMEOUT" 2>&1) || die "nbd-client $*: $out"
+    # shellcheck disable=SC2086 # RAID_NBD_OPTS is a word list on purpose
+    out=$(nbd-client "$@" -t "$RAID_NBD_TIMEOUT" $RAID_NBD_OPTS 2>&1) || die "nbd-client $*: $out"
     wait_until 20 nbd_dev_ready "$dev" || die "$dev not ready 20 s after nbd-client returned"
 }
 
@@ -313,18 +317,21 @@ wm_create() {
 }
 
 wm_reads_from_ram() {
-    local r0 d0 r d
+    local r0 d0 r d m
     r0=$(dev_stat "$RAID_W" 3) d0=$(dev_stat "$RAID_DISK" 3)
     raid_verify
     r=$((($(dev_stat "$RAID_W" 3) - r0) * 512)) d=$((($(dev_stat "$RAID_DISK" 3) - d0) * 512))
     note "reads for the verify: nbd3 (ramnbd) $((r / 1024)) KiB, ${RAID_DISK#/dev/} (write-mostly disk) $((d / 1024)) KiB"
     [ "$d" -eq 0 ] || die "the write-mostly disk served $d bytes of reads"
     [ "$r" -ge $((10 * MIB)) ] || die "ramnbd served only $r bytes of reads"
-    note "ramnbd's own count for export wm: $(host_ctl metric a 'ramnbd_request_bytes_total{export="wm",command="read"}') bytes read"
+    # The server's side: everything nbd3 read since it was attached.
+    m=$(host_ctl metric a 'ramnbd_request_bytes_total{export="wm",command="read"}')
+    note "ramnbd's own count for export wm: $((m / 1024)) KiB read since the attach"
+    [ "$m" -ge "$r" ] || die "ramnbd counted $m bytes read, the guest read $r from nbd3"
 }
 
 wm_server_killed() {
-    local t_kill t_deg d0
+    local t_kill t_deg d0 d
     note "host: $(host_ctl kill a)"
     t_kill=$(now_cs)
     raid_copy after small/d2
@@ -335,7 +342,9 @@ wm_server_killed() {
     member_faulty "$RAID_WM_MD" "$RAID_W" || die "nbd3 is '$(member_state "$RAID_WM_MD" "$RAID_W")', not faulty"
     d0=$(dev_stat "$RAID_DISK" 3)
     raid_verify
-    note "the disk alone served $((($(dev_stat "$RAID_DISK" 3) - d0) / 2048)) MiB of reads"
+    d=$((($(dev_stat "$RAID_DISK" 3) - d0) * 512))
+    note "the disk alone served $((d / 1024)) KiB of reads"
+    [ "$d" -ge $((10 * MIB)) ] || die "the disk served only $d bytes: where did the files come from?"
     umount "$WORK/$RAID_MNT_DIR"
     e2fsck -fn "$RAID_WM_MD" >&2
     mdadm --stop "$RAID_WM_MD"

@@ -69,7 +69,7 @@ fi
 if has_part raid && [ -n "$RAID_CTL_PORT" ]; then
     # shellcheck source=raid.sh
     . "$SUITE_DIR/raid.sh"
-    echo "$(mdadm -V 2>&1 | head -n 1); nbd-client -t $RAID_NBD_TIMEOUT on the RAID members"
+    echo "$(mdadm -V 2>&1 | head -n 1); nbd-client -t $RAID_NBD_TIMEOUT ${RAID_NBD_OPTS:-} on the RAID members"
     raid1_checks
     write_mostly_checks
 fi

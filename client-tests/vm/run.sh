@@ -33,6 +33,7 @@ VM_CPUS=${VM_CPUS:-4}
 # The RAID members' nbd-client -t: how long I/O left in flight on a dead
 # server waits before it fails and md drops the member (kernel/raid.sh).
 RAID_NBD_TIMEOUT=${RAID_NBD_TIMEOUT:-5}
+RAID_NBD_OPTS=${RAID_NBD_OPTS:-}
 SUITE_PARTS=${SUITE_PARTS:-nbd raid}
 
 need_root "mknod for the initramfs, chroot"
@@ -121,7 +122,7 @@ NBD_HOST=$GUEST_FWD_IP NBD_PORT=$SERVER_PORT NBD_DEV=/dev/nbd0 TREE=/job/tree SU
 RAID_HOST=$GUEST_FWD_IP RAID_PORT_A=$(raid_port a) RAID_PORT_B=$(raid_port b) RAID_DISK=/dev/vda
 for v in NBD_HOST NBD_PORT NBD_DEV TREE SUITE_WORK EXPORT_XFS EXPORT_BTRFS EXPORT_RAW \
     SIZE_DEFAULT SIZE_XFS SIZE_BTRFS SIZE_RAW SUITE_PARTS \
-    RAID_HOST RAID_PORT_A RAID_PORT_B RAID_CTL_PORT RAID_DISK RAID_NBD_TIMEOUT; do
+    RAID_HOST RAID_PORT_A RAID_PORT_B RAID_CTL_PORT RAID_DISK RAID_NBD_TIMEOUT RAID_NBD_OPTS; do
     printf 'export %s=%q\n' "$v" "${!v}"
 done >"$JOB/env"
 vm_initrd "$IMAGE/initramfs.cpio" "$WORK/job" "$WORK/initrd"
