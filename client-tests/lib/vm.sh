@@ -15,8 +15,8 @@
 # - timeout(1) puts qemu in its own process group, so a Ctrl-C on the
 #   terminal reaches only the script; vm_stop passes it on.
 # - Network: qemu user networking with restrict=on (no route out, no DNS),
-#   and a guestfwd of GUEST_FWD_IP:PORT to 127.0.0.1:PORT per server port.  It must be the
-#   cmd: form: one relay per guest connection (the chardev form shares a
+#   a guestfwd of GUEST_FWD_IP:PORT to 127.0.0.1:PORT per server port.  It
+#   must be the cmd: form: one relay per guest connection (the chardev form shares a
 #   single connection between all of them, which breaks reconnects and
 #   multi-conn).  The relay's stderr also goes to the guest's socket, so it
 #   must be quiet (socat -lf /dev/null).

@@ -3,7 +3,9 @@
 # qemu TCG with a small initramfs (vm/build.sh) and runs kernel/suite.sh in
 # the guest against a server running on this host.  One boot runs the whole
 # plan; the host prints the guest's PASS/FAIL lines as they come, then checks
-# what the server saw of it (its metrics).
+# what the server saw of it (its metrics).  The md RAID1 checks
+# (kernel/raid.sh) get two more servers, which the guest kills and restarts
+# through a control line (vm/raid-servers.sh), and an empty virtio disk.
 #
 # Usage: client-tests/vm/run.sh [6.1|6.12]
 #   6.1 (default)  Debian 12: kernel 6.1, nbd-client 3.24, the host's mkfs/fsck tools
@@ -12,11 +14,12 @@
 # Environment: RAMNBD_BIN, SERVER_CMD (see kernel/host.sh); KERNEL_PKG (see
 # vm/build.sh); VM_TIMEOUT (hard limit for the VM in seconds, default 600);
 # VM_CPUS (default 4: the multi-conn check needs one CPU per connection,
-# since blk-mq maps CPUs to the connections' hardware queues).
+# since blk-mq maps CPUs to the connections' hardware queues);
+# RAID_NBD_TIMEOUT, RAID_NBD_OPTS, SUITE_PARTS (see kernel/README.md).
 # Prints one PASS/FAIL line per check and "N passed, N failed" last; exits
 # non-zero if anything failed, with the guest's exit status if it had one.
-# The VM, its network (one guestfwd to the server) and its clean-up are
-# lib/vm.sh's.
+# The VM, its network (a guestfwd per server, one for the control line) and
+# its clean-up are lib/vm.sh's.
 
 set -euo pipefail
 VM_T0_S=$SECONDS
