@@ -15,8 +15,8 @@
 # - timeout(1) puts qemu in its own process group, so a Ctrl-C on the
 #   terminal reaches only the script; vm_stop passes it on.
 # - Network: qemu user networking with restrict=on (no route out, no DNS),
-#   and one guestfwd of GUEST_FWD_IP:PORT to 127.0.0.1:PORT.  It must be the
-#   cmd: form: one relay per guest connection (the chardev form shares a
+#   a guestfwd of GUEST_FWD_IP:PORT to 127.0.0.1:PORT per server port.  It
+#   must be the cmd: form: one relay per guest connection (the chardev form shares a
 #   single connection between all of them, which breaks reconnects and
 #   multi-conn).  The relay's stderr also goes to the guest's socket, so it
 #   must be quiet (socat -lf /dev/null).
@@ -57,6 +57,12 @@ vm_initrd() {
 # timeout) and VM_SECONDS.  Environment:
 #   VM_CPUS (default 2), VM_MEM (MiB, default 1024)
 #   VM_FWD_PORT         add the NIC and the guestfwd GUEST_FWD_IP:PORT -> 127.0.0.1:PORT
+#                       (a space-separated list: one guestfwd per port)
+#   VM_FWD_CMD_PORT, VM_FWD_CMD   with VM_FWD_PORT: each guest connection to
+#                       GUEST_FWD_IP:VM_FWD_CMD_PORT runs the shell command VM_FWD_CMD
+#                       on this host, its stdin and stdout (and stderr) being the
+#                       connection; the command must not contain commas (qemu's
+#                       option separator)
 #   VM_CONSOLE_FILTER   a command that shows the console live (its stdin); unset: not shown
 vm_run() {
     local log=$1 limit=$2 kernel=$3 initrd=$4 append=$5 t0=$SECONDS
@@ -66,9 +72,15 @@ vm_run() {
         -display none -serial stdio -monitor none
         -kernel "$kernel" -initrd "$initrd" -append "$append")
     if [[ -n ${VM_FWD_PORT:-} ]]; then
+        local netdev=user,id=n0,restrict=on,ipv6=off port
+        for port in $VM_FWD_PORT; do
+            netdev+=",guestfwd=tcp:$GUEST_FWD_IP:$port-cmd:socat -lf /dev/null - TCP:127.0.0.1:$port"
+        done
+        if [[ -n ${VM_FWD_CMD_PORT:-} ]]; then
+            netdev+=",guestfwd=tcp:$GUEST_FWD_IP:$VM_FWD_CMD_PORT-cmd:$VM_FWD_CMD"
+        fi
         # romfile=: no iPXE option ROM needed.
-        args+=(-netdev "user,id=n0,restrict=on,ipv6=off,guestfwd=tcp:$GUEST_FWD_IP:$VM_FWD_PORT-cmd:socat -lf /dev/null - TCP:127.0.0.1:$VM_FWD_PORT"
-            -device virtio-net-pci,netdev=n0,romfile=)
+        args+=(-netdev "$netdev" -device virtio-net-pci,netdev=n0,romfile=)
     fi
     timeout -k 10 "$limit" qemu-system-x86_64 "${args[@]}" "$@" </dev/null >"$log" 2>&1 &
     VM_PID=$!

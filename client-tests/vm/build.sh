@@ -74,11 +74,16 @@ OUT=$CACHE/vm-$SERIES
 USERLAND_TOOLS=(nbd-client mkfs.ext4 mke2fs e2fsck mkfs.xfs xfs_repair mkfs.btrfs btrfs
     blkdiscard blockdev fstrim)
 HOST_TOOLS=(ss)
+# Guest tools that neither the host nor the Debian 13 folder installs: taken
+# from the release's own .deb (apt-get download, cached in
+# .cache/vm-debs-SERIES/), as PACKAGE:TOOL.  mdadm drives the md RAID1 checks.
+DEB_TOOLS=(mdadm:mdadm)
 # Modules, before their closure (depends= and softdep= of each, resolved
 # against the package; built-in ones are left out: 6.12 has virtio_pci built
 # in).  The softdeps pull in the crc32c, xxhash64, blake2b and sha256
-# providers that ext4, jbd2, libcrc32c and btrfs ask for.  tcp_diag serves ss.
-GUEST_MODULES=(nbd virtio_pci virtio_net ext4 xfs btrfs tcp_diag)
+# providers that ext4, jbd2, libcrc32c and btrfs ask for.  tcp_diag serves ss;
+# md_mod and raid1 the md RAID1 checks, virtio_blk their local disk.
+GUEST_MODULES=(nbd virtio_pci virtio_net ext4 xfs btrfs tcp_diag md_mod raid1 virtio_blk)
 
 mkdir -p "$CACHE"
 
@@ -95,10 +100,22 @@ apt_update() {
     apt-get -q "${APT[@]}" -o APT::Sandbox::User=root update >&2
 }
 
+# download_deb PACKAGE [DIR]: apt-get download into DIR (default .cache/).
 download_deb() {
+    local dir=${2:-$CACHE}
     log "apt-get download $1"
-    (cd "$CACHE" && apt-get -q "${APT[@]}" -o APT::Sandbox::User=root download "$1" >&2) ||
-        { apt_update && (cd "$CACHE" && apt-get -q "${APT[@]}" -o APT::Sandbox::User=root download "$1" >&2); }
+    mkdir -p "$dir"
+    (cd "$dir" && apt-get -q "${APT[@]}" -o APT::Sandbox::User=root download "$1" >&2) ||
+        { apt_update && (cd "$dir" && apt-get -q "${APT[@]}" -o APT::Sandbox::User=root download "$1" >&2); }
+}
+
+# guest_deb PACKAGE: the release's .deb of PACKAGE, downloaded once into a
+# folder of this series (6.1 and 6.12 want different versions).
+GUEST_DEBS=$CACHE/vm-debs-$SERIES
+guest_deb() {
+    compgen -G "$GUEST_DEBS/$1_*_amd64.deb" | sort -V | tail -n 1 | grep . && return
+    download_deb "$1" "$GUEST_DEBS" || { log "cannot download $1"; return 1; }
+    compgen -G "$GUEST_DEBS/$1_*_amd64.deb" | sort -V | tail -n 1 | grep .
 }
 
 find_deb() {
@@ -122,10 +139,12 @@ find_deb() {
 }
 
 DEB=$(find_deb)
+TOOL_DEBS=()
+for t in "${DEB_TOOLS[@]}"; do TOOL_DEBS+=("$(guest_deb "${t%%:*}")"); done
 
 # The stamp covers every input; a dpkg status file changes whenever a package
 # (and so a copied tool or library) is installed or upgraded.
-STAMP=$(cat "$VM_DIR/build.sh" "$VM_DIR/init" <(basename "$DEB") \
+STAMP=$(cat "$VM_DIR/build.sh" "$VM_DIR/init" <(basename -a "$DEB" "${TOOL_DEBS[@]}") \
     <(stat -c %Y /var/lib/dpkg/status "$USERLAND/var/lib/dpkg/status") | sha256sum | cut -d' ' -f1)
 if [[ -f $OUT/stamp && $(cat "$OUT/stamp") == "$STAMP" ]]; then
     echo "$OUT"
@@ -223,12 +242,37 @@ copy_tools() {
     [[ -n $lib ]] || { log "no libgcc_s.so.1 in ${src:-the host}"; exit 1; }
     copy_path "$src" "$lib"
 }
+# copy_deb_tool SRC DEB TOOL: TOOL from the package file DEB (in /sbin in
+# Debian 12, /usr/sbin in 13: merged /usr has both), with the libraries it
+# needs from SRC ("" = the host): the tree's own loader lists them,
+# searching the tree's library folder first.
+copy_deb_tool() {
+    local src=$1 deb=$2 tool=$3 x p lib list
+    x=$TMP/deb-$(basename "$deb")
+    dpkg-deb -x "$deb" "$x"
+    for p in {/usr,}/{sbin,bin}/"$tool" ""; do [[ -z $p || -f $x$p ]] && break; done
+    [[ -n $p ]] || { log "no $tool in $(basename "$deb")"; exit 1; }
+    cp "$x$p" "$ROOT/usr/sbin/$tool"
+    if [[ -z $src ]]; then
+        list=$(ldd "$x$p")
+    else
+        list=$("$src/lib64/ld-linux-x86-64.so.2" --library-path "$src/usr/lib/x86_64-linux-gnu" --list "$x$p")
+    fi
+    for lib in $(awk '$2 == "=>" && $3 ~ /^\// { print $3 }' <<<"$list"); do
+        [[ -z $src || $lib == "$src"/* ]] || { log "$tool needs $lib, which is not in $src"; exit 1; }
+        copy_path "$src" "${lib#"$src"}"
+    done
+}
 copy_tools "$USERLAND" "${USERLAND_TOOLS[@]}"
+for i in "${!DEB_TOOLS[@]}"; do copy_deb_tool "$USERLAND" "${TOOL_DEBS[i]}" "${DEB_TOOLS[i]#*:}"; done
 copy_tools "" "${HOST_TOOLS[@]}"
 # mke2fs's feature defaults, from the same release as mke2fs.
 cp "$USERLAND/etc/mke2fs.conf" "$ROOT/etc/"
 dpkg-query --admindir="$USERLAND/var/lib/dpkg" -W -f '${Package} ${Version}\n' \
     nbd-client e2fsprogs xfsprogs btrfs-progs util-linux >"$TMP/out/versions"
+for deb in "${TOOL_DEBS[@]}"; do
+    dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb" >>"$TMP/out/versions"
+done
 
 # busybox for everything else; its applet links go only where no real tool
 # was copied.

@@ -3,7 +3,9 @@
 # qemu TCG with a small initramfs (vm/build.sh) and runs kernel/suite.sh in
 # the guest against a server running on this host.  One boot runs the whole
 # plan; the host prints the guest's PASS/FAIL lines as they come, then checks
-# what the server saw of it (its metrics).
+# what the server saw of it (its metrics).  The md RAID1 checks
+# (kernel/raid.sh) get two more servers, which the guest kills and restarts
+# through a control line (vm/raid-servers.sh), and an empty virtio disk.
 #
 # Usage: client-tests/vm/run.sh [6.1|6.12]
 #   6.1 (default)  Debian 12: kernel 6.1, nbd-client 3.24, the host's mkfs/fsck tools
@@ -12,11 +14,12 @@
 # Environment: RAMNBD_BIN, SERVER_CMD (see kernel/host.sh); KERNEL_PKG (see
 # vm/build.sh); VM_TIMEOUT (hard limit for the VM in seconds, default 600);
 # VM_CPUS (default 4: the multi-conn check needs one CPU per connection,
-# since blk-mq maps CPUs to the connections' hardware queues).
+# since blk-mq maps CPUs to the connections' hardware queues);
+# RAID_NBD_TIMEOUT, RAID_NBD_OPTS, SUITE_PARTS (see kernel/README.md).
 # Prints one PASS/FAIL line per check and "N passed, N failed" last; exits
 # non-zero if anything failed, with the guest's exit status if it had one.
-# The VM, its network (one guestfwd to the server) and its clean-up are
-# lib/vm.sh's.
+# The VM, its network (a guestfwd per server, one for the control line) and
+# its clean-up are lib/vm.sh's.
 
 set -euo pipefail
 VM_T0_S=$SECONDS
@@ -25,9 +28,16 @@ VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$VM_DIR/../kernel/host.sh"
 # shellcheck source=../lib/vm.sh
 . "$VM_DIR/../lib/vm.sh"
+# shellcheck source=raid-servers.sh
+. "$VM_DIR/raid-servers.sh"
 SERIES=${1:-6.1}
 VM_TIMEOUT=${VM_TIMEOUT:-600}
 VM_CPUS=${VM_CPUS:-4}
+# The RAID members' nbd-client -t: how long I/O left in flight on a dead
+# server waits before it fails and md drops the member (kernel/raid.sh).
+RAID_NBD_TIMEOUT=${RAID_NBD_TIMEOUT:-5}
+RAID_NBD_OPTS=${RAID_NBD_OPTS:-}
+SUITE_PARTS=${SUITE_PARTS:-nbd raid}
 
 need_root "mknod for the initramfs, chroot"
 need_vm
@@ -60,6 +70,7 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     vm_stop
+    raid_servers_stop >/dev/null
     server_stop >/dev/null
     rm -rf "$WORK"
     exit "$rc"
@@ -88,18 +99,33 @@ if ! server_start "$WORK"; then
     exit 1
 fi
 
+# The md RAID1 checks' two servers (vm/raid-servers.sh), the guest's control
+# line to them, and an empty disk for the write-mostly mirror.
+raid_servers_init "$WORK/raid"
+raid_servers_up() {
+    local n
+    for n in $RAID_SERVER_NAMES; do raid_server_start "$n" >&3 || die "server $n did not start"; done
+    truncate -s 128M "$WORK/raid-disk.img"
+}
+check raid-servers-start raid_servers_up
+RAID_CTL_PORT=$(pick_port)
+RAID_CTL_CMD="bash $VM_DIR/raid-servers.sh serve $WORK/raid"
+[[ $RAID_CTL_CMD != *,* ]] || fail raid-control "a comma in '$RAID_CTL_CMD' (qemu's option separator)"
+
 # The job: the suite with its libraries (the repository's layout, so that
 # they find each other), the test data and their environment, appended to
 # the cached initramfs.
 JOB=$WORK/job/job
 mkdir -p "$JOB/kernel" "$JOB/lib"
 check data-tree make_tree "$JOB/tree"
-cp "$KERNEL_DIR"/{suite.sh,checks.sh,nbd.sh} "$JOB/kernel/"
+cp "$KERNEL_DIR"/{suite.sh,checks.sh,nbd.sh,raid.sh} "$JOB/kernel/"
 cp "$KERNEL_DIR/../lib/report.sh" "$JOB/lib/"
 # shellcheck disable=SC2034 # read through ${!v} below
 NBD_HOST=$GUEST_FWD_IP NBD_PORT=$SERVER_PORT NBD_DEV=/dev/nbd0 TREE=/job/tree SUITE_WORK=/tmp/suite
+RAID_HOST=$GUEST_FWD_IP RAID_PORT_A=$(raid_port a) RAID_PORT_B=$(raid_port b) RAID_DISK=/dev/vda
 for v in NBD_HOST NBD_PORT NBD_DEV TREE SUITE_WORK EXPORT_XFS EXPORT_BTRFS EXPORT_RAW \
-    SIZE_DEFAULT SIZE_XFS SIZE_BTRFS SIZE_RAW; do
+    SIZE_DEFAULT SIZE_XFS SIZE_BTRFS SIZE_RAW SUITE_PARTS \
+    RAID_HOST RAID_PORT_A RAID_PORT_B RAID_CTL_PORT RAID_DISK RAID_NBD_TIMEOUT RAID_NBD_OPTS; do
     printf 'export %s=%q\n' "$v" "${!v}"
 done >"$JOB/env"
 vm_initrd "$IMAGE/initramfs.cpio" "$WORK/job" "$WORK/initrd"
@@ -114,9 +140,11 @@ WZ_BYTES_BEFORE=$(metric "ramnbd_request_bytes_total{export=\"$EXPORT_RAW\",comm
 
 echo "vm: kernel $KVER, nbd-client $NBD_CLIENT_VERSION ($(grep -v '^nbd-client ' "$IMAGE/versions" | tr '\n' ',' | sed 's/,$//; s/,/, /g'))"
 echo "vm: $VM_CPUS vCPUs (TCG), server 127.0.0.1:$SERVER_PORT as $GUEST_FWD_IP:$SERVER_PORT, limit $VM_TIMEOUT s"
-VM_FWD_PORT=$SERVER_PORT VM_MEM=1024 VM_CONSOLE_FILTER="relabel_summary guest" \
+VM_FWD_PORT="$SERVER_PORT $RAID_PORT_A $RAID_PORT_B" VM_FWD_CMD_PORT=$RAID_CTL_PORT VM_FWD_CMD=$RAID_CTL_CMD \
+    VM_MEM=1024 VM_CONSOLE_FILTER="relabel_summary guest" \
     vm_run "$WORK/console.log" "$VM_TIMEOUT" "$IMAGE/vmlinux" "$WORK/initrd" \
-    "console=ttyS0 panic=-1 oops=panic quiet mitigations=off"
+    "console=ttyS0 panic=-1 oops=panic quiet mitigations=off" \
+    -drive "file=$WORK/raid-disk.img,format=raw,if=virtio"
 
 # ------------------------------------------------ what the server received
 # The guest's raw-write-zeroes check zeroes 4 MiB of the raw export with
@@ -133,8 +161,10 @@ write_zeroes_counts() {
         note "export '$e': write_zeroes requests $(wz requests "$e"), bytes $(wz request_bytes "$e"), errors $(wz request_errors "$e")"
     done
 }
+# (grep reads the file itself: behind `tr |`, grep -q's early exit could
+# kill tr with SIGPIPE, which pipefail turns into a failure.)
 guest_zeroed() {
-    tr -d '\r' <"$WORK/console.log" | grep -q '^PASS raw-write-zeroes' ||
+    grep -q '^PASS raw-write-zeroes' "$WORK/console.log" ||
         die "the guest's raw-write-zeroes check did not pass, so there is nothing to compare"
 }
 server_got_write_zeroes() {
@@ -160,11 +190,14 @@ server_got_no_write_zeroes() {
         [ "$n" -eq 0 ] || die "export '$e' received $n WRITE_ZEROES from a kernel that has none"
     done
 }
-case $SERIES in
-6.1) check server-write-zeroes-never-sent server_got_no_write_zeroes ;;
-6.12) check server-write-zeroes-received server_got_write_zeroes ;;
-esac
+if [[ " $SUITE_PARTS " == *" nbd "* ]]; then
+    case $SERIES in
+    6.1) check server-write-zeroes-never-sent server_got_no_write_zeroes ;;
+    6.12) check server-write-zeroes-received server_got_write_zeroes ;;
+    esac
+fi
 
+raid_servers_stop
 server_stop
 
 guest_status=$(vm_guest_status "$WORK/console.log")
