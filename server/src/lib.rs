@@ -5,6 +5,8 @@
 //! * [`config`] — validated configuration: the TOML file ([`config::file`]) with the command
 //!   line on top.
 //! * [`export`] — named exports and the transmission flags they advertise.
+//! * [`image`] — snapshots of exports in image files: loaded at start, saved on stop, SIGHUP
+//!   and every `save-interval`.
 //! * [`ramdisk`] — the RAM store: anonymous mapping, chunk locks, allocation map. The only
 //!   module with `unsafe` code.
 //! * [`proto`] — the wire protocol without I/O: constants, errno values, option payloads,
@@ -18,6 +20,7 @@
 pub mod cli;
 pub mod config;
 pub mod export;
+pub mod image;
 pub mod metrics;
 pub mod proto;
 pub mod ramdisk;

@@ -11,6 +11,7 @@ use clap::Parser;
 use ramnbd::cli::Cli;
 use ramnbd::config::{Config, ListenAddr, format_size};
 use ramnbd::export::Exports;
+use ramnbd::image::Images;
 use ramnbd::metrics::{self, Metrics};
 use ramnbd::server::{self, ServeOptions};
 use ramnbd::shutdown::{Phase, Shutdown};
@@ -184,6 +185,9 @@ async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Resul
     let exports = Arc::new(
         Exports::with_memory(&config.exports, &config.memory).context("creating exports")?,
     );
+    // Saves wait until the images are loaded; a bad image refuses the start.
+    let images = Images::start(&config, &exports, shutdown.clone())?;
+    images.load().await?;
     log_memory(&exports, "memory at start");
     let listeners = match inherited {
         Some(sockets) => {
@@ -249,6 +253,8 @@ async fn run(config: Config, inherited: Option<Vec<Inherited>>) -> anyhow::Resul
     };
     server::serve(listeners, Arc::clone(&exports), options, shutdown).await;
     metrics_done.cancel();
+    // The sessions are done: their last writes are in the images.
+    images.save_on_stop().await?;
     log_memory(&exports, "memory at stop");
     tracing::info!("stopped");
     Ok(())

@@ -409,6 +409,7 @@ mod tests {
             read_only: false,
             description: String::new(),
             max_memory: None,
+            ..Default::default()
         };
         Arc::new(Exports::new(&[config(""), config("b")]).unwrap())
     }
@@ -479,6 +480,7 @@ mod resident_tests {
             read_only: false,
             description: String::new(),
             max_memory: None,
+            ..Default::default()
         };
         let exports = Arc::new(Exports::new(&[config]).unwrap());
         exports

@@ -54,12 +54,14 @@ mod alloc_map;
 mod backing;
 mod budget;
 mod chunks;
+mod dirty;
 mod os;
 
 use std::io;
 use std::sync::Arc;
 
 pub use budget::{MemoryBudget, NoSpace};
+pub use dirty::{Pause, Snapshot, SnapshotBusy};
 
 use alloc_map::AllocationMap;
 use backing::{Anonymous, Policy};
@@ -115,6 +117,8 @@ pub struct RamDisk {
     size: u64,
     chunks: Chunks,
     budgets: Budgets,
+    /// Which chunks changed since the last snapshot pass (see `dirty`).
+    dirty: dirty::DirtyLog,
 }
 
 impl RamDisk {
@@ -143,6 +147,7 @@ impl RamDisk {
             size,
             chunks: Chunks::new(size, Box::new(backing), AllocationMap::new(words)?),
             budgets: Budgets::new(options.budgets.clone()),
+            dirty: Default::default(),
         })
     }
 
@@ -443,6 +448,7 @@ impl<'a> Update<'a> {
     /// Applies `fill` to one piece, page by page, under the piece's chunk write lock.
     fn apply(&mut self, piece: Piece, fill: Fill<'_>) {
         let mut guard = self.disk.chunks.write(piece.chunk);
+        self.disk.dirty.mark(piece.chunk);
         let mut releases = Releases::default();
         let mut stored = 0u64;
         let held = guard.allocated();

@@ -25,6 +25,7 @@ fn exports(size: u64) -> Arc<Exports> {
         read_only: false,
         description: String::new(),
         max_memory: None,
+        ..Default::default()
     };
     Arc::new(Exports::new(&[config]).expect("create the export"))
 }
