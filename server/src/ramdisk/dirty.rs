@@ -250,7 +250,11 @@ mod tests {
         disk.write(5 * CHUNK_SIZE + PAGE_SIZE, &page(2)).unwrap();
         let snapshot = disk.snapshot().unwrap();
         assert_eq!(snapshot.held_chunks().collect::<Vec<_>>(), [0, 5]);
-        assert_eq!(snapshot.changed_count(), 0, "writes before the snapshot are not changes");
+        assert_eq!(
+            snapshot.changed_count(),
+            0,
+            "writes before the snapshot are not changes"
+        );
         disk.write(7 * CHUNK_SIZE, &page(3)).unwrap();
         disk.zero(0, CHUNK_SIZE, ZeroMode::Release).unwrap();
         disk.write(7 * CHUNK_SIZE + PAGE_SIZE, &page(4)).unwrap();
@@ -261,16 +265,28 @@ mod tests {
         let mut buf = vec![0xee; CHUNK_SIZE as usize];
         assert_eq!(snapshot.copy_chunk(7, &mut buf), 0b11);
         assert_eq!(&buf[..PAGE_SIZE as usize], &page(3)[..]);
-        assert_eq!(&buf[PAGE_SIZE as usize..2 * PAGE_SIZE as usize], &page(4)[..]);
-        assert_eq!(buf[2 * PAGE_SIZE as usize], 0xee, "pages not held are left alone");
-        assert_eq!(snapshot.copy_chunk(0, &mut buf), 0, "the zeroed chunk holds nothing");
+        assert_eq!(
+            &buf[PAGE_SIZE as usize..2 * PAGE_SIZE as usize],
+            &page(4)[..]
+        );
+        assert_eq!(
+            buf[2 * PAGE_SIZE as usize],
+            0xee,
+            "pages not held are left alone"
+        );
+        assert_eq!(
+            snapshot.copy_chunk(0, &mut buf),
+            0,
+            "the zeroed chunk holds nothing"
+        );
     }
 
     #[test]
     fn the_final_pass_copies_the_last_changes() {
         let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
         let snapshot = disk.snapshot().unwrap();
-        disk.write(3 * CHUNK_SIZE + 2 * PAGE_SIZE, &page(9)).unwrap();
+        disk.write(3 * CHUNK_SIZE + 2 * PAGE_SIZE, &page(9))
+            .unwrap();
         let mut seen = Vec::new();
         let mut buf = vec![0; CHUNK_SIZE as usize];
         let pause = snapshot
@@ -305,7 +321,10 @@ mod tests {
                 assert_eq!(read.join().unwrap(), 2);
                 let writer = s.spawn(|| {
                     disk.write(3 * CHUNK_SIZE, &page(7)).unwrap();
-                    assert!(thawed.load(Ordering::SeqCst), "a write ran during the pause");
+                    assert!(
+                        thawed.load(Ordering::SeqCst),
+                        "a write ran during the pause"
+                    );
                 });
                 std::thread::sleep(Duration::from_millis(50));
                 assert!(!writer.is_finished(), "the write went through the pause");
@@ -340,7 +359,9 @@ mod tests {
         assert!(disk.changed_since_saved());
         let mut buf = vec![0; CHUNK_SIZE as usize];
         let snapshot = disk.snapshot().unwrap();
-        snapshot.finish(&mut buf, |_, _, _| Ok::<_, ()>(())).unwrap();
+        snapshot
+            .finish(&mut buf, |_, _, _| Ok::<_, ()>(()))
+            .unwrap();
         assert!(!disk.changed_since_saved());
         disk.zero(0, 4 * CHUNK_SIZE, ZeroMode::Release).unwrap();
         assert!(disk.changed_since_saved(), "a trim is a change");
