@@ -234,6 +234,12 @@ async fn save(image: &Arc<Image>, cancel: &Arc<Cancel>, reason: Reason) -> Resul
         tracing::debug!(export = %export.name, "unchanged since the last save, not saved");
         return Ok(());
     }
+    tracing::info!(
+        export = %export.name,
+        reason = reason.as_str(),
+        "saving image {}",
+        image.path.display()
+    );
     let task = Arc::clone(image);
     let cancel = Arc::clone(cancel);
     let what = format!("saving image {}", image.path.display());
