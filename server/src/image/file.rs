@@ -22,10 +22,14 @@ use std::time::{Duration, Instant};
 use rustix::fs::{FallocateFlags, SeekFrom};
 
 use crate::config::format_size;
-use crate::ramdisk::{CHUNK_SIZE, NoSpace, PAGE_SIZE, Pause, RamDisk};
+use crate::ramdisk::{CHUNK_SIZE, Copied, NoSpace, PAGE_SIZE, Pause, RamDisk};
 
-/// The final pass starts once at most this many chunks (16 MiB) changed during a live pass.
-const FINAL_CHUNKS: u64 = 64;
+/// The final pass starts once at most this many pages (4 MiB) changed during a live pass.
+const FINAL_PAGES: u64 = 1024;
+/// The final pass copies pages into memory up to this much, and writes them to the file
+/// after writes go on again; past it (writers faster than the live passes), into the file
+/// while writes wait.
+const FINAL_IN_MEMORY: usize = 64 << 20;
 /// Live passes before the final one, whatever the writers do: a disk rewritten faster than
 /// it is copied would otherwise never get there.
 const MAX_LIVE_PASSES: u32 = 8;
@@ -211,28 +215,33 @@ pub fn save(
     let total = disk.allocated_bytes();
     for chunk in snapshot.held_chunks() {
         cancel.check(image)?;
-        let bits = snapshot.copy_chunk(chunk, &mut buf);
+        let copied = snapshot.copy_chunk(chunk, u64::MAX, &mut buf);
         // A fresh file reads as zero everywhere: no holes to make in the first pass.
-        writer
-            .write(chunk, bits, &buf, false)
-            .map_err(write_error)?;
+        writer.write(copied, &buf, false).map_err(write_error)?;
         progress(writer.copied.min(total), total);
     }
     let mut passes = 1;
-    while snapshot.changed_count() > FINAL_CHUNKS && passes < MAX_LIVE_PASSES {
-        for chunk in snapshot.take_changed() {
+    while snapshot.changed_pages() > FINAL_PAGES && passes < MAX_LIVE_PASSES {
+        for (chunk, pages) in snapshot.take_changed() {
             cancel.check(image)?;
-            let bits = snapshot.copy_chunk(chunk, &mut buf);
-            writer.write(chunk, bits, &buf, true).map_err(write_error)?;
+            let copied = snapshot.copy_chunk(chunk, pages, &mut buf);
+            writer.write(copied, &buf, true).map_err(write_error)?;
         }
         passes += 1;
     }
     cancel.check(image)?;
+    let mut deferred = Deferred::default();
     let pause = snapshot
-        .finish(&mut buf, |chunk, bits, data| {
-            writer.write(chunk, bits, data, true)
+        .finish(&mut buf, |copied, data| {
+            if deferred.bytes.len() < FINAL_IN_MEMORY {
+                deferred.keep(copied, data);
+                Ok(())
+            } else {
+                writer.write(copied, data, true)
+            }
         })
         .map_err(write_error)?;
+    deferred.write(&mut writer, &mut buf).map_err(write_error)?;
     let copied_bytes = writer.copied;
     let data_bytes = allocated_in_file(&tmp.file).map_err(write_error)?;
     tmp.file.sync_all().map_err(write_error)?;
@@ -289,23 +298,29 @@ struct ChunkWriter<'a> {
 }
 
 impl ChunkWriter<'_> {
-    /// Writes `chunk`'s held pages (bits set) from `data`; with `holes`, makes its other pages
-    /// read as zero (they may hold an earlier pass's copy).
-    fn write(&mut self, chunk: u64, bits: u64, data: &[u8], holes: bool) -> io::Result<()> {
-        let start = chunk * CHUNK_SIZE;
+    /// Writes the copied pages that hold data from `data` (laid out as in the chunk); with
+    /// `holes`, makes the copied pages that do not read as zero (the file may hold an earlier
+    /// pass's copy of them).
+    fn write(&mut self, copied: Copied, data: &[u8], holes: bool) -> io::Result<()> {
+        let start = copied.chunk * CHUNK_SIZE;
         let end = (start + CHUNK_SIZE).min(self.size);
         let pages = (end - start).div_ceil(PAGE_SIZE);
+        let state =
+            |page: u64| (copied.pages & (1 << page) != 0).then_some(copied.held & (1 << page) != 0);
         let mut page = 0;
         while page < pages {
-            let held = bits & (1 << page) != 0;
+            let Some(held) = state(page) else {
+                page += 1;
+                continue;
+            };
             let mut run_end = page + 1;
-            while run_end < pages && (bits & (1 << run_end) != 0) == held {
+            while run_end < pages && state(run_end) == Some(held) {
                 run_end += 1;
             }
             let from = start + page * PAGE_SIZE;
             let to = (start + run_end * PAGE_SIZE).min(end);
-            let bytes = &data[(from - start) as usize..(to - start) as usize];
             if held {
+                let bytes = &data[(from - start) as usize..(to - start) as usize];
                 self.file.write_all_at(bytes, from)?;
                 self.copied += to - from;
             } else if holes {
@@ -328,6 +343,52 @@ impl ChunkWriter<'_> {
         let zeroes = vec![0u8; (to - from) as usize];
         self.file.write_all_at(&zeroes, from)
     }
+}
+
+/// Pages the final pass copied into memory, to be written once writes go on again.
+#[derive(Default)]
+struct Deferred {
+    /// Each chunk's copy, with where its held pages start in `bytes`.
+    chunks: Vec<(Copied, usize)>,
+    /// The held pages, in order.
+    bytes: Vec<u8>,
+}
+
+impl Deferred {
+    fn keep(&mut self, copied: Copied, data: &[u8]) {
+        self.chunks.push((copied, self.bytes.len()));
+        for page in bits(copied.held) {
+            let at = (page * PAGE_SIZE) as usize;
+            let len = (PAGE_SIZE as usize).min(data.len() - at);
+            self.bytes.extend_from_slice(&data[at..at + len]);
+        }
+    }
+
+    /// Writes every kept chunk, laid out again in `buf`.
+    fn write(&self, writer: &mut ChunkWriter<'_>, buf: &mut [u8]) -> io::Result<()> {
+        for &(copied, mut at) in &self.chunks {
+            let start = copied.chunk * CHUNK_SIZE;
+            for page in bits(copied.held) {
+                let len = PAGE_SIZE.min(writer.size - start - page * PAGE_SIZE) as usize;
+                let to = (page * PAGE_SIZE) as usize;
+                buf[to..to + len].copy_from_slice(&self.bytes[at..at + len]);
+                at += len;
+            }
+            writer.write(copied, buf, true)?;
+        }
+        Ok(())
+    }
+}
+
+/// The indexes of the bits set in `word`, lowest first.
+fn bits(mut word: u64) -> impl Iterator<Item = u64> {
+    std::iter::from_fn(move || {
+        (word != 0).then(|| {
+            let bit = u64::from(word.trailing_zeros());
+            word &= word - 1;
+            bit
+        })
+    })
 }
 
 /// The data extents of a file, `(start, end)`, by `SEEK_DATA`/`SEEK_HOLE` (a filesystem
@@ -456,7 +517,9 @@ pub fn load(
             progress(done.min(total), total);
         }
     }
-    disk.mark_saved();
+    disk.mark_saved().map_err(|err| {
+        ImageError::new(image, format!("loaded, but cannot track changes: {err}"))
+    })?;
     Ok(Loaded::Data(done))
 }
 

@@ -2,94 +2,94 @@
 //! keep writing.
 //!
 //! A [`Snapshot`] copies the disk in passes. The first copies every chunk that holds data,
-//! live; meanwhile every change marks its chunk in the [`DirtyLog`] (one bit per chunk, set
-//! under the chunk's write lock). Further live passes copy only the chunks marked since the
-//! pass before. The final pass ([`Snapshot::finish`]) holds every write back
+//! live; meanwhile every change marks the pages it touches in the [`DirtyLog`] (one bit per
+//! page, set under the chunk's write lock). Further live passes copy only the pages marked
+//! since the pass before. The final pass ([`Snapshot::finish`]) holds every write back
 //! ([`Chunks::freeze`](super::chunks::Chunks::freeze): all chunk locks shared, so reads go
-//! on), takes the last marks and copies those chunks: the copy is the disk as it was at that
-//! moment, and the pause lasts as long as copying the last few chunks.
+//! on), takes the last marks and copies those pages: the copy is the disk as it was at that
+//! moment, and the pause lasts as long as copying the pages changed during the last live pass.
+//! Pages, not chunks, are tracked so that scattered small writes (a filesystem's) leave a
+//! small final pass: 4 KiB each rather than 256 KiB.
 //!
-//! Why a mark is never lost: a writer sets its chunk's bit while it holds the chunk's write
-//! lock, and the copier clears a bit before it takes that chunk's lock to copy it. If the
-//! write's critical section comes first, the copy sees its bytes; if it comes after, the lock
-//! orders the copier's clear before the writer's mark, so the chunk is copied again in the
-//! next pass.
+//! Why a mark is never lost: a writer sets its pages' bits while it holds the chunk's write
+//! lock, and the copier clears a chunk's bits before it takes that chunk's lock to copy it. If
+//! the write's critical section comes first, the copy sees its bytes; if it comes after, the
+//! lock orders the copier's clear before the writer's mark, so the pages are copied again in
+//! the next pass.
 //!
 //! Once a disk has been snapshotted (or loaded from an image, [`RamDisk::mark_saved`]),
 //! tracking stays on, so [`RamDisk::changed_since_saved`] can tell a periodic save that
 //! nothing changed. A write then costs one relaxed load of its chunk's word, plus one atomic
-//! OR the first time the chunk changes after a save.
+//! OR the first time its pages change after a pass.
 
+use std::io;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::alloc_map::AllocationMap;
 use super::{CHUNK_SIZE, PAGE_SIZE, RamDisk};
 
-/// One bit per chunk: changed since the last pass.
+/// One bit per page: changed since the last pass. The same layout as the allocation map (one
+/// word per chunk, lazily backed), so it is one.
 #[derive(Debug, Default)]
 pub(super) struct DirtyLog {
-    /// Allocated when tracking starts (an export never saved pays nothing).
-    words: OnceLock<Box<[AtomicU64]>>,
+    /// Created when tracking starts (an export never saved pays nothing).
+    map: OnceLock<AllocationMap>,
     /// A snapshot is in progress.
     busy: AtomicBool,
 }
 
 impl DirtyLog {
-    /// Records that `chunk` changes. Called with the chunk's write lock held.
-    pub(super) fn mark(&self, chunk: u64) {
-        let Some(words) = self.words.get() else {
+    /// Records that the pages `bits` of `chunk` change. Called with the chunk's write lock held.
+    pub(super) fn mark(&self, chunk: u64, bits: u64) {
+        let Some(map) = self.map.get() else {
             return;
         };
-        let word = &words[(chunk / 64) as usize];
-        let bit = 1 << (chunk % 64);
-        // Most writes hit a chunk already marked: a load keeps the cache line shared.
-        if word.load(Ordering::Relaxed) & bit == 0 {
-            word.fetch_or(bit, Ordering::Relaxed);
+        let word = map.word(chunk);
+        // Most writes hit pages already marked: a load keeps the cache line shared.
+        if word.load(Ordering::Relaxed) & bits != bits {
+            map.set(word, bits);
         }
     }
 
-    fn start(&self, chunks: u64) -> &[AtomicU64] {
-        self.words.get_or_init(|| {
-            (0..chunks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect()
-        })
+    fn start(&self, words: usize) -> io::Result<&AllocationMap> {
+        if self.map.get().is_none() {
+            // Only a snapshot (one at a time) or a load starts tracking; should two race, the
+            // loser's map is dropped.
+            let _ = self.map.set(AllocationMap::new(words)?);
+        }
+        Ok(self.map.get().expect("set above"))
     }
 
-    /// The marked chunks, clearing their marks.
-    fn take(&self) -> Vec<u64> {
-        let Some(words) = self.words.get() else {
-            return Vec::new();
-        };
-        let mut chunks = Vec::new();
-        for (i, word) in words.iter().enumerate() {
+    /// Takes the marks of every chunk, in order: `(chunk, pages)`.
+    fn take(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let map = self.map.get();
+        let words = map.map_or(0, AllocationMap::words) as u64;
+        (0..words).filter_map(move |chunk| {
+            let map = map?;
+            let word = map.word(chunk);
             if word.load(Ordering::Relaxed) == 0 {
-                continue;
+                return None;
             }
-            let mut bits = word.swap(0, Ordering::Relaxed);
-            while bits != 0 {
-                chunks.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-        }
-        chunks
+            Some((chunk, map.take(word)))
+        })
     }
 
+    /// Pages marked.
     fn count(&self) -> u64 {
-        self.words.get().map_or(0, |words| {
-            words
-                .iter()
-                .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-                .sum()
-        })
+        self.map.get().map_or(0, AllocationMap::allocated_pages)
     }
 }
 
-/// Another snapshot of the same disk is in progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a snapshot of this disk is already in progress")]
-pub struct SnapshotBusy;
+/// Why a snapshot cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("a snapshot of this disk is already in progress")]
+    Busy,
+    #[error("cannot map the change-tracking bitmap: {0}")]
+    Map(#[from] io::Error),
+}
 
 /// A point-in-time copy of a disk in progress: see the module documentation. Dropping it
 /// (finished or not) lets the next one start.
@@ -103,28 +103,41 @@ pub struct Snapshot<'a> {
 pub struct Pause {
     /// How long writes were held back.
     pub length: Duration,
-    /// Chunks copied while they were.
-    pub chunks: u64,
+    /// Of that, how long taking every chunk lock took (waiting for writes in progress).
+    pub freezing: Duration,
+    /// Pages copied while they were.
+    pub pages: u64,
+}
+
+/// One chunk's pages as copied: see [`Snapshot::copy_chunk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub chunk: u64,
+    /// The pages copied (bit n: page n of the chunk).
+    pub pages: u64,
+    /// Of those, the ones holding data; the others read as zero.
+    pub held: u64,
 }
 
 impl RamDisk {
     /// Starts a snapshot, and change tracking from now on for as long as the disk lives.
-    pub fn snapshot(&self) -> Result<Snapshot<'_>, SnapshotBusy> {
+    pub fn snapshot(&self) -> Result<Snapshot<'_>, SnapshotError> {
         if self.dirty.busy.swap(true, Ordering::Acquire) {
-            return Err(SnapshotBusy);
+            return Err(SnapshotError::Busy);
         }
         let snapshot = Snapshot { disk: self };
-        self.dirty.start(self.chunk_count());
+        self.dirty.start(self.chunks.map().words())?;
         // Marks from before are about an older copy: this one copies every held chunk anyway.
-        self.dirty.take();
+        self.dirty.take().for_each(drop);
         Ok(snapshot)
     }
 
     /// Declares the disk's contents saved as they are now (just loaded from an image), and
     /// starts change tracking.
-    pub fn mark_saved(&self) {
-        self.dirty.start(self.chunk_count());
-        self.dirty.take();
+    pub fn mark_saved(&self) -> io::Result<()> {
+        self.dirty.start(self.chunks.map().words())?;
+        self.dirty.take().for_each(drop);
+        Ok(())
     }
 
     /// Whether anything changed since the last snapshot's final pass or [`mark_saved`]; true if
@@ -132,11 +145,7 @@ impl RamDisk {
     ///
     /// [`mark_saved`]: RamDisk::mark_saved
     pub fn changed_since_saved(&self) -> bool {
-        self.dirty.words.get().is_none() || self.dirty.count() > 0
-    }
-
-    fn chunk_count(&self) -> u64 {
-        self.size.div_ceil(CHUNK_SIZE)
+        self.dirty.map.get().is_none() || self.dirty.count() > 0
     }
 }
 
@@ -147,56 +156,58 @@ impl Snapshot<'_> {
         (0..map.words() as u64).filter(|&chunk| map.bits(chunk) != 0)
     }
 
-    /// The chunks changed since the snapshot started or this was last called, clearing
-    /// their marks: the next live pass.
-    pub fn take_changed(&self) -> Vec<u64> {
+    /// The pages changed since the snapshot started or they were last taken, chunk by chunk
+    /// in order, `(chunk, pages)`, each chunk's marks cleared as it is reached: the next live
+    /// pass.
+    pub fn take_changed(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.disk.dirty.take()
     }
 
-    /// How many chunks changed since the last [`take_changed`](Self::take_changed).
-    pub fn changed_count(&self) -> u64 {
+    /// How many pages changed since they were last taken.
+    pub fn changed_pages(&self) -> u64 {
         self.disk.dirty.count()
     }
 
-    /// Copies `chunk` as it is now: the held pages' bytes go to their offsets in `buf`
-    /// (`CHUNK_SIZE` bytes; the rest is left as it was), and the chunk's allocation bits are
-    /// returned (bit n: page n holds data).
+    /// Copies the pages `pages` of `chunk` as they are now: those holding data go to their
+    /// offsets in `buf` (`CHUNK_SIZE` bytes; the rest is left as it was).
     ///
     /// # Panics
     /// If `chunk` is past the export or `buf` is shorter than a chunk.
-    pub fn copy_chunk(&self, chunk: u64, buf: &mut [u8]) -> u64 {
+    pub fn copy_chunk(&self, chunk: u64, pages: u64, buf: &mut [u8]) -> Copied {
         let guard = self.disk.chunks.read(chunk);
-        let bits = guard.allocated();
-        copy_pages(self.disk.size, chunk, bits, buf, |offset, dst| {
+        let held = guard.allocated() & pages;
+        copy_pages(self.disk.size, chunk, held, buf, |offset, dst| {
             guard.copy_out(offset, dst);
         });
-        bits
+        Copied { chunk, pages, held }
     }
 
-    /// The final pass: holds every write back, copies each chunk changed since the last
-    /// [`take_changed`](Self::take_changed) into `buf` and hands it to `sink` (chunk, bits,
-    /// bytes as [`copy_chunk`](Self::copy_chunk) leaves them), then lets writes go on. `sink`
-    /// runs while writes wait: it should be quick (a write into the page cache). Stops at the
-    /// first error.
+    /// The final pass: holds every write back, copies the pages changed since they were last
+    /// taken, chunk by chunk, into `buf` and hands each chunk to `sink` (as
+    /// [`copy_chunk`](Self::copy_chunk) leaves `buf`), then lets writes go on. `sink` runs
+    /// while writes wait: it should be quick. Stops at the first error.
     pub fn finish<E>(
         self,
         buf: &mut [u8],
-        mut sink: impl FnMut(u64, u64, &[u8]) -> Result<(), E>,
+        mut sink: impl FnMut(Copied, &[u8]) -> Result<(), E>,
     ) -> Result<Pause, E> {
         let started = Instant::now();
         let frozen = self.disk.chunks.freeze();
-        let changed = self.disk.dirty.take();
-        for &chunk in &changed {
-            let bits = frozen.allocated(chunk);
-            copy_pages(self.disk.size, chunk, bits, buf, |offset, dst| {
+        let freezing = started.elapsed();
+        let mut copied = 0;
+        for (chunk, pages) in self.disk.dirty.take() {
+            let held = frozen.allocated(chunk) & pages;
+            copy_pages(self.disk.size, chunk, held, buf, |offset, dst| {
                 frozen.copy_out(offset, dst);
             });
-            sink(chunk, bits, buf)?;
+            copied += u64::from(pages.count_ones());
+            sink(Copied { chunk, pages, held }, buf)?;
         }
         drop(frozen);
         Ok(Pause {
             length: started.elapsed(),
-            chunks: changed.len() as u64,
+            freezing,
+            pages: copied,
         })
     }
 }
@@ -238,47 +249,51 @@ mod tests {
     use std::time::Duration;
 
     use super::super::{CHUNK_SIZE, PAGE_SIZE, RamDisk, ZeroMode};
+    use super::Copied;
 
     fn page(byte: u8) -> Vec<u8> {
         vec![byte; PAGE_SIZE as usize]
     }
 
     #[test]
-    fn a_snapshot_sees_held_chunks_and_then_only_what_changed() {
+    fn a_snapshot_sees_held_chunks_and_then_only_the_pages_that_changed() {
         let disk = RamDisk::new(16 * CHUNK_SIZE).unwrap();
         disk.write(0, &page(1)).unwrap();
         disk.write(5 * CHUNK_SIZE + PAGE_SIZE, &page(2)).unwrap();
         let snapshot = disk.snapshot().unwrap();
         assert_eq!(snapshot.held_chunks().collect::<Vec<_>>(), [0, 5]);
         assert_eq!(
-            snapshot.changed_count(),
+            snapshot.changed_pages(),
             0,
             "writes before the snapshot are not changes"
         );
         disk.write(7 * CHUNK_SIZE, &page(3)).unwrap();
         disk.zero(0, CHUNK_SIZE, ZeroMode::Release).unwrap();
         disk.write(7 * CHUNK_SIZE + PAGE_SIZE, &page(4)).unwrap();
-        assert_eq!(snapshot.changed_count(), 2);
-        assert_eq!(snapshot.take_changed(), [0, 7]);
-        assert_eq!(snapshot.changed_count(), 0);
+        // Written again: still one mark.
+        disk.write(7 * CHUNK_SIZE + PAGE_SIZE, &page(4)).unwrap();
+        assert_eq!(snapshot.changed_pages(), 64 + 2);
+        let changed: Vec<_> = snapshot.take_changed().collect();
+        assert_eq!(changed, [(0, u64::MAX), (7, 0b11)]);
+        assert_eq!(snapshot.changed_pages(), 0);
 
         let mut buf = vec![0xee; CHUNK_SIZE as usize];
-        assert_eq!(snapshot.copy_chunk(7, &mut buf), 0b11);
-        assert_eq!(&buf[..PAGE_SIZE as usize], &page(3)[..]);
+        let copied = snapshot.copy_chunk(7, 0b10, &mut buf);
+        assert_eq!(
+            copied,
+            Copied {
+                chunk: 7,
+                pages: 0b10,
+                held: 0b10
+            }
+        );
         assert_eq!(
             &buf[PAGE_SIZE as usize..2 * PAGE_SIZE as usize],
             &page(4)[..]
         );
-        assert_eq!(
-            buf[2 * PAGE_SIZE as usize],
-            0xee,
-            "pages not held are left alone"
-        );
-        assert_eq!(
-            snapshot.copy_chunk(0, &mut buf),
-            0,
-            "the zeroed chunk holds nothing"
-        );
+        assert_eq!(buf[0], 0xee, "pages not asked for are left alone");
+        let copied = snapshot.copy_chunk(0, u64::MAX, &mut buf);
+        assert_eq!(copied.held, 0, "the zeroed chunk holds nothing");
     }
 
     #[test]
@@ -290,14 +305,18 @@ mod tests {
         let mut seen = Vec::new();
         let mut buf = vec![0; CHUNK_SIZE as usize];
         let pause = snapshot
-            .finish(&mut buf, |chunk, bits, data| {
-                let at = 2 * PAGE_SIZE as usize;
-                seen.push((chunk, bits, data[at]));
+            .finish(&mut buf, |copied, data| {
+                seen.push((copied, data[2 * PAGE_SIZE as usize]));
                 Ok::<_, ()>(())
             })
             .unwrap();
-        assert_eq!(seen, [(3, 0b100, 9)]);
-        assert_eq!(pause.chunks, 1);
+        let copied = Copied {
+            chunk: 3,
+            pages: 0b100,
+            held: 0b100,
+        };
+        assert_eq!(seen, [(copied, 9)]);
+        assert_eq!(pause.pages, 1);
     }
 
     #[test]
@@ -310,7 +329,7 @@ mod tests {
         let thawed = AtomicBool::new(false);
         let mut buf = vec![0; CHUNK_SIZE as usize];
         std::thread::scope(|s| {
-            let pause = snapshot.finish(&mut buf, |_, _, data| {
+            let pause = snapshot.finish(&mut buf, |_, data| {
                 frozen.store(true, Ordering::SeqCst);
                 // A reader on another thread is served while writes are held back.
                 let read = s.spawn(|| {
@@ -353,15 +372,13 @@ mod tests {
     fn changes_since_the_last_save_are_known() {
         let disk = RamDisk::new(4 * CHUNK_SIZE).unwrap();
         assert!(disk.changed_since_saved(), "never saved");
-        disk.mark_saved();
+        disk.mark_saved().unwrap();
         assert!(!disk.changed_since_saved());
         disk.write(CHUNK_SIZE, &page(1)).unwrap();
         assert!(disk.changed_since_saved());
         let mut buf = vec![0; CHUNK_SIZE as usize];
         let snapshot = disk.snapshot().unwrap();
-        snapshot
-            .finish(&mut buf, |_, _, _| Ok::<_, ()>(()))
-            .unwrap();
+        snapshot.finish(&mut buf, |_, _| Ok::<_, ()>(())).unwrap();
         assert!(!disk.changed_since_saved());
         disk.zero(0, 4 * CHUNK_SIZE, ZeroMode::Release).unwrap();
         assert!(disk.changed_since_saved(), "a trim is a change");

@@ -61,7 +61,7 @@ use std::io;
 use std::sync::Arc;
 
 pub use budget::{MemoryBudget, NoSpace};
-pub use dirty::{Pause, Snapshot, SnapshotBusy};
+pub use dirty::{Copied, Pause, Snapshot, SnapshotError};
 
 use alloc_map::AllocationMap;
 use backing::{Anonymous, Policy};
@@ -117,7 +117,7 @@ pub struct RamDisk {
     size: u64,
     chunks: Chunks,
     budgets: Budgets,
-    /// Which chunks changed since the last snapshot pass (see `dirty`).
+    /// Which pages changed since the last snapshot pass (see `dirty`).
     dirty: dirty::DirtyLog,
 }
 
@@ -448,7 +448,7 @@ impl<'a> Update<'a> {
     /// Applies `fill` to one piece, page by page, under the piece's chunk write lock.
     fn apply(&mut self, piece: Piece, fill: Fill<'_>) {
         let mut guard = self.disk.chunks.write(piece.chunk);
-        self.disk.dirty.mark(piece.chunk);
+        self.disk.dirty.mark(piece.chunk, piece.page_bits());
         let mut releases = Releases::default();
         let mut stored = 0u64;
         let held = guard.allocated();

@@ -273,18 +273,34 @@ fn a_chunk_copied_again_loses_the_pages_it_no_longer_holds() {
         punch: true,
     };
     let data = vec![9; CHUNK_SIZE as usize];
-    writer.write(1, u64::MAX, &data, false).unwrap();
+    let all = Copied {
+        chunk: 1,
+        pages: u64::MAX,
+        held: u64::MAX,
+    };
+    writer.write(all, &data, false).unwrap();
     // Copied again, now holding its first and last page only.
-    writer.write(1, 1 | 1 << 63, &data, true).unwrap();
+    let again = Copied {
+        held: 1 | 1 << 63,
+        ..all
+    };
+    writer.write(again, &data, true).unwrap();
+    // Page 1 changed back to data, page 2 not copied: only page 1 is written.
+    let page_one = Copied {
+        pages: 0b110,
+        held: 0b010,
+        ..all
+    };
+    writer.write(page_one, &data, true).unwrap();
     let bytes = fs::read(&path).unwrap();
     let chunk = &bytes[CHUNK_SIZE as usize..];
     let page = PAGE_SIZE as usize;
-    assert!(chunk[..page].iter().all(|&b| b == 9));
-    assert!(chunk[page..chunk.len() - page].iter().all(|&b| b == 0));
+    assert!(chunk[..2 * page].iter().all(|&b| b == 9));
+    assert!(chunk[2 * page..chunk.len() - page].iter().all(|&b| b == 0));
     assert!(chunk[chunk.len() - page..].iter().all(|&b| b == 9));
     assert_eq!(
         allocated_in_file(&file).unwrap(),
-        2 * PAGE_SIZE,
+        3 * PAGE_SIZE,
         "the hole was punched"
     );
     fs::remove_dir_all(dir).unwrap();
