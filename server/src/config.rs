@@ -432,8 +432,12 @@ impl Config {
         self.exports
             .iter()
             .map(|e| {
+                let image = e
+                    .image
+                    .as_ref()
+                    .map_or_else(String::new, |path| format!(" image {}", path.display()));
                 format!(
-                    "{:?} {}{}",
+                    "{:?} {}{}{image}",
                     e.name,
                     format_size(e.size),
                     if e.read_only { " ro" } else { "" }
