@@ -190,11 +190,14 @@ impl Images {
 fn load(image: &Image) -> Result<(), ImageError> {
     let name = &image.export.name;
     let path = &image.path;
-    for leftover in file::prepare_directory(path)? {
-        tracing::warn!(
-            file = %leftover.display(),
-            "removed the temporary file of an interrupted save; the image it was to replace is kept"
-        );
+    // A read-only export is never saved: its image's directory need not be writable.
+    if !image.export.read_only {
+        for leftover in file::prepare_directory(path)? {
+            tracing::warn!(
+                file = %leftover.display(),
+                "removed the temporary file of an interrupted save; the image it was to replace is kept"
+            );
+        }
     }
     let mut progress = Progress::new(format!("loading image {}", path.display()));
     let started = std::time::Instant::now();
