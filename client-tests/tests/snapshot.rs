@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ramnbd_client_tests::clients::PYTHON;
+use ramnbd_client_tests::scrape::{scrape, value};
 use ramnbd_client_tests::server::ramnbd_bin;
 use ramnbd_client_tests::{Clients, MIB, Server, both_generations};
 use rustix::process::Signal;
@@ -171,7 +172,14 @@ print("cut ok")
 
 fn a_save_during_writes_holds_one_moment_of_the_disk(clients: Clients) {
     let (dir, image) = image_dir();
-    let mut server = start_with_image("512M", &image);
+    let mut server = Server::start(&[
+        "-s",
+        "512M",
+        "--image",
+        image.to_str().unwrap(),
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     let stop = dir.path().join("stop");
     let writer_script = format!("{PRELUDE}{WRITER_SCRIPT}");
     let mut writer = clients
@@ -203,6 +211,19 @@ fn a_save_during_writes_holds_one_moment_of_the_disk(clients: Clients) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no last line from the writer: {rest:?}"));
     println!("{saved}");
+    // The pause the log reports is the one metrics show.
+    let logged: f64 = saved
+        .split("longest pause ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no pause in {saved:?}"));
+    let series = "ramnbd_export_save_pause_longest_microseconds{export=\"\"}";
+    let metric = value(&scrape(&server), series) / 1000.0;
+    assert!(
+        metric > 0.0 && (metric - logged).abs() < 0.1,
+        "{metric} ms, logged {logged} ms"
+    );
 
     // A power cut: no save on stop, the image is the one SIGHUP made.
     server.signal(Signal::KILL);

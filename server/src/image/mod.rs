@@ -14,7 +14,7 @@ mod progress;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -55,8 +55,6 @@ struct Image {
     /// Set once the image is loaded (or found missing): before that, a save would write a
     /// half-loaded disk over the image.
     ready: AtomicBool,
-    /// The longest pause a save of this export held writes back, in microseconds.
-    longest_pause_us: AtomicU64,
 }
 
 /// The exports that have images; see the module documentation.
@@ -88,7 +86,6 @@ impl Images {
                     interval: ec.save_interval.or(config.save_interval),
                     saving: tokio::sync::Mutex::new(()),
                     ready: AtomicBool::new(false),
-                    longest_pause_us: AtomicU64::new(0),
                 }))
             })
             .collect();
@@ -177,14 +174,6 @@ impl Images {
         }
         failed
     }
-
-    /// The longest pause any save of `export` held its writes back.
-    pub fn longest_pause(&self, export: &str) -> Option<Duration> {
-        self.list
-            .iter()
-            .find(|i| i.export.name == export)
-            .map(|i| Duration::from_micros(i.longest_pause_us.load(Ordering::Relaxed)))
-    }
 }
 
 fn load(image: &Image) -> Result<(), ImageError> {
@@ -271,10 +260,6 @@ async fn save(image: &Arc<Image>, cancel: &Arc<Cancel>, reason: Reason) -> Resul
             return Err(());
         }
     };
-    let pause_us = u64::try_from(saved.pause.length.as_micros()).unwrap_or(u64::MAX);
-    image
-        .longest_pause_us
-        .fetch_max(pause_us, Ordering::Relaxed);
     tracing::info!(
         export = %export.name,
         reason = reason.as_str(),

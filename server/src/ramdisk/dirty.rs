@@ -24,7 +24,7 @@
 
 use std::io;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::alloc_map::AllocationMap;
@@ -38,6 +38,8 @@ pub(super) struct DirtyLog {
     map: OnceLock<AllocationMap>,
     /// A snapshot is in progress.
     busy: AtomicBool,
+    /// The longest final pass so far, in microseconds.
+    longest_pause_us: AtomicU64,
 }
 
 impl DirtyLog {
@@ -140,6 +142,11 @@ impl RamDisk {
         Ok(())
     }
 
+    /// The longest time a snapshot's final pass held writes back (zero before the first).
+    pub fn longest_snapshot_pause(&self) -> Duration {
+        Duration::from_micros(self.dirty.longest_pause_us.load(Ordering::Relaxed))
+    }
+
     /// Whether anything changed since the last snapshot's final pass or [`mark_saved`]; true if
     /// there was neither.
     ///
@@ -204,8 +211,14 @@ impl Snapshot<'_> {
             sink(Copied { chunk, pages, held }, buf)?;
         }
         drop(frozen);
+        let length = started.elapsed();
+        let us = u64::try_from(length.as_micros()).unwrap_or(u64::MAX);
+        self.disk
+            .dirty
+            .longest_pause_us
+            .fetch_max(us, Ordering::Relaxed);
         Ok(Pause {
-            length: started.elapsed(),
+            length,
             freezing,
             pages: copied,
         })
@@ -351,7 +364,9 @@ mod tests {
                 thawed.store(true, Ordering::SeqCst);
                 Ok::<_, ()>(())
             });
-            assert!(pause.unwrap().length >= Duration::from_millis(50));
+            let pause = pause.unwrap().length;
+            assert!(pause >= Duration::from_millis(50));
+            assert!(disk.longest_snapshot_pause() >= pause - Duration::from_micros(1));
         });
         assert!(frozen.load(Ordering::SeqCst));
         let mut out = page(0);
