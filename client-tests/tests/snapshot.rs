@@ -331,8 +331,23 @@ fn a_server_killed_mid_save_keeps_the_old_image() {
         &[server.unix_uri(""), size.clone(), "2".into()],
         "filled",
     );
+    let torn = || -> Vec<String> {
+        fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".disk.img.tmp-"))
+            .collect()
+    };
     server.signal(Signal::HUP);
-    server.wait_for_stderr("saving image", Duration::from_secs(10));
+    // The save is under way once its temporary file exists.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while torn().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no temporary file within 10 s of SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     server.signal(Signal::KILL);
     server
         .wait_timeout(Duration::from_secs(10))
@@ -342,11 +357,7 @@ fn a_server_killed_mid_save_keeps_the_old_image() {
         !log.contains("saved image"),
         "the save finished before the kill; this test needs a slower save:\n{log}"
     );
-    let leftovers: Vec<_> = fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(".disk.img.tmp-"))
-        .collect();
+    let leftovers = torn();
     assert_eq!(leftovers.len(), 1, "the torn save's file: {leftovers:?}");
     let now = fs::metadata(&image).unwrap();
     assert_eq!(
@@ -364,12 +375,9 @@ fn a_server_killed_mid_save_keeps_the_old_image() {
         "{PRELUDE}h = connect(sys.argv[1])\ncheck(h, 0, int(sys.argv[2]), 1)\nprint('old data')\n"
     );
     clients.python_ok(&check, &[server.unix_uri(""), size], "old data");
-    assert!(
-        !fs::read_dir(dir.path()).unwrap().any(|e| e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with(".disk.img.tmp-")),
+    assert_eq!(
+        torn(),
+        Vec::<String>::new(),
         "the torn save's file is still there"
     );
 }
