@@ -234,7 +234,7 @@ pub fn save(
     let pause = snapshot
         .finish(&mut buf, |copied, data| {
             if deferred.bytes.len() < FINAL_IN_MEMORY {
-                deferred.keep(copied, data);
+                deferred.keep(copied, data, disk.size());
                 Ok(())
             } else {
                 writer.write(copied, data, true)
@@ -355,11 +355,12 @@ struct Deferred {
 }
 
 impl Deferred {
-    fn keep(&mut self, copied: Copied, data: &[u8]) {
+    /// Keeps the held pages of `copied` (of an export of `size` bytes) from `data`.
+    fn keep(&mut self, copied: Copied, data: &[u8], size: u64) {
         self.chunks.push((copied, self.bytes.len()));
         for page in bits(copied.held) {
             let at = (page * PAGE_SIZE) as usize;
-            let len = (PAGE_SIZE as usize).min(data.len() - at);
+            let len = page_len(size, copied.chunk, page);
             self.bytes.extend_from_slice(&data[at..at + len]);
         }
     }
@@ -367,9 +368,8 @@ impl Deferred {
     /// Writes every kept chunk, laid out again in `buf`.
     fn write(&self, writer: &mut ChunkWriter<'_>, buf: &mut [u8]) -> io::Result<()> {
         for &(copied, mut at) in &self.chunks {
-            let start = copied.chunk * CHUNK_SIZE;
             for page in bits(copied.held) {
-                let len = PAGE_SIZE.min(writer.size - start - page * PAGE_SIZE) as usize;
+                let len = page_len(writer.size, copied.chunk, page);
                 let to = (page * PAGE_SIZE) as usize;
                 buf[to..to + len].copy_from_slice(&self.bytes[at..at + len]);
                 at += len;
@@ -378,6 +378,12 @@ impl Deferred {
         }
         Ok(())
     }
+}
+
+/// Bytes of page `page` of `chunk` inside an export of `size` bytes (the last page of an
+/// odd-sized export is cut short).
+fn page_len(size: u64, chunk: u64, page: u64) -> usize {
+    PAGE_SIZE.min(size - chunk * CHUNK_SIZE - page * PAGE_SIZE) as usize
 }
 
 /// The indexes of the bits set in `word`, lowest first.

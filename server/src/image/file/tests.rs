@@ -367,3 +367,36 @@ fn a_save_during_writes_is_the_disk_at_one_moment() {
     assert!(saved.passes >= 2, "{saved:?}");
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// Writes that land during the first pass reach the image through the final pass, the last
+/// page of an odd-sized export included.
+#[test]
+fn writes_during_the_first_pass_are_in_the_image() {
+    let dir = temp_dir();
+    let path = dir.join("late.img");
+    let size = 3 * CHUNK_SIZE + 100;
+    let disk = RamDisk::new(size).unwrap();
+    disk.write(0, &[1; 4096]).unwrap();
+    disk.write(CHUNK_SIZE, &[2; 4096]).unwrap();
+    let mut wrote = false;
+    let saved = save(&disk, &path, &Cancel::default(), &mut |_, _| {
+        if !wrote {
+            wrote = true;
+            disk.write(5, &[3; 10]).unwrap();
+            disk.write(2 * CHUNK_SIZE + 8192, &[4; 4096]).unwrap();
+            disk.write(size - 50, &[5; 50]).unwrap();
+            disk.zero(CHUNK_SIZE, 4096, ZeroMode::Release).unwrap();
+        }
+    })
+    .unwrap();
+    assert!(saved.pause.pages >= 4, "{saved:?}");
+    let (copy, _) = load_into(size, &path).unwrap();
+    assert_eq!(read(&copy, 0, size as usize), read(&disk, 0, size as usize));
+    assert_eq!(read(&copy, size - 50, 50), [5; 50]);
+    assert_eq!(
+        read(&copy, CHUNK_SIZE, 4096),
+        [0; 4096],
+        "the zeroed page is a hole"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
