@@ -3,7 +3,8 @@
 # ramnbd there with systemd/install.sh, and drives the units as an operator would (guest/job.sh):
 # ramnbd.socket -> socket-activated Type=notify ramnbd.service -> ramnbd-attach@nbd0 ->
 # ramnbd-mkfs@nbd0 -> mnt-ramdisk.mount, data, restarts and an upgrade under a writer (the fd
-# store), ordered stop, re-attach, clean stop, kill -9 under a writer.
+# store), ordered stop, re-attach, clean stop, kill -9 under a writer. Then boots twice more
+# with a persistent disk for images across a reboot (guest/snapshot.sh).
 #
 #   client-tests/systemd-vm/run.sh
 #
@@ -121,5 +122,25 @@ if tr -d '\r' <"$LOG" | grep -q '^SHUTDOWN-REACHED'; then
 else
     fail clean-poweroff "the VM did not reach systemd-shutdown"
 fi
-say "VM ran ${VM_SECONDS} s; whole run $((SECONDS - T0)) s; console log: $LOG"
+say "VM ran ${VM_SECONDS} s; console log: $LOG"
+
+# ------------------------------------------------------------------ images across a reboot
+# guest/snapshot.sh, booted twice with one persistent disk (the guest's /var/lib/private):
+# what the first boot's server saved, the second boot's server loads.
+cp "$HERE/guest/snapshot.sh" "$JOB/sdvm/job.sh"
+vm_initrd "$OUT/initramfs.gz" "$JOB" "$RUN/initrd"
+truncate -s 1G "$RUN/state.img"
+for boot in 1 2; do
+    say "booting again for images across a reboot ($boot of 2)"
+    VM_CPUS=2 VM_MEM=1536 VM_CONSOLE_FILTER=show_job \
+        vm_run "$LOG.image$boot" "$LIMIT" "$OUT/vmlinux" "$RUN/initrd" "$APPEND" \
+        -drive "file=$OUT/rootfs.img,format=raw,if=none,id=root,snapshot=on" \
+        -device virtio-blk-pci,drive=root \
+        -drive "file=$RUN/state.img,format=raw,if=none,id=state" -device virtio-blk-pci,drive=state
+    if vm_timed_out || ! add_child_counts "$LOG.image$boot"; then
+        fail "image-boot-$boot" "the job did not finish (qemu exit $VM_RC); console log: $LOG.image$boot"
+    fi
+    say "VM ran ${VM_SECONDS} s"
+done
+say "whole run $((SECONDS - T0)) s"
 summary

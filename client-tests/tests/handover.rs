@@ -94,6 +94,7 @@ fn libnbd_requests_in_flight_survive_a_hand_over(clients: Clients) {
         read_only: false,
         description: String::new(),
         max_memory: None,
+        ..Default::default()
     };
     let exports = Arc::new(Exports::new(&[config]).unwrap());
     let options = |metrics| ServeOptions {

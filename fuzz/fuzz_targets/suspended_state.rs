@@ -21,6 +21,7 @@ fn exports() -> &'static Arc<Exports> {
             read_only: false,
             description: String::new(),
             max_memory: None,
+            ..Default::default()
         };
         Arc::new(Exports::new(&[config]).expect("a 1 MiB export"))
     })

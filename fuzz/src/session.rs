@@ -257,6 +257,7 @@ fn configs() -> Vec<ExportConfig> {
             read_only,
             description: format!("the {name} export"),
             max_memory,
+            ..Default::default()
         })
         .collect()
 }

@@ -9,7 +9,7 @@ use clap::Parser;
 ///
 /// With no arguments, serves one 1 GiB export named "" (the default export) on
 /// 127.0.0.1:10809. Memory is taken from the kernel only as data is written and given back on
-/// TRIM; everything is lost when the server stops.
+/// TRIM; everything is lost when the server stops, unless the export has an image (--image).
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "ramnbd",
@@ -59,7 +59,8 @@ pub struct Cli {
     #[arg(short, long, value_name = "SIZE", conflicts_with = "exports")]
     pub size: Option<String>,
 
-    /// Add an export: NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT]. Repeatable; when
+    /// Add an export: NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
+    /// [,description=TEXT]. Repeatable; when
     /// given, there is no default export. An empty NAME (`=1G`) is the default export. The
     /// description runs to the end of the argument, commas included.
     #[arg(short = 'e', long = "export", value_name = "SPEC")]
@@ -99,6 +100,16 @@ pub struct Cli {
     /// auto.
     #[arg(long, value_name = "KIND")]
     pub backing: Option<String>,
+    /// Load the default export from this image file at start (if it exists) and save it there
+    /// on stop, on SIGHUP (systemctl reload) and every --save-interval. A raw, sparse image of
+    /// the export's size; other exports take image=PATH in --export or the config file.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+
+    /// Also save images this often (e.g. 10m, 1h; 0: only on stop and SIGHUP, the default).
+    /// An export's own save-interval wins. A periodic save is skipped if nothing changed.
+    #[arg(long, value_name = "DURATION")]
+    pub save_interval: Option<String>,
 
     /// Log level or filter (error, warn, info, debug, trace, or a RUST_LOG-style directive).
     #[arg(long, value_name = "LEVEL")]

@@ -35,7 +35,7 @@ pub enum ConfigError {
         reason: String,
     },
     #[error(
-        "bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT])"
+        "bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION][,description=TEXT])"
     )]
     ExportSpec { spec: String, reason: String },
     #[error("export name {0:?} is given twice; export names must be unique")]
@@ -91,7 +91,7 @@ impl std::fmt::Display for FileError {
 }
 
 /// One export as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportConfig {
     pub name: String,
     pub size: u64,
@@ -99,6 +99,10 @@ pub struct ExportConfig {
     pub description: String,
     /// Cap on the RAM this export may hold, on top of the global cap.
     pub max_memory: Option<u64>,
+    /// The file the export is loaded from at start and saved to (see `crate::image`).
+    pub image: Option<PathBuf>,
+    /// How often the image is saved, over [`Config::save_interval`]; zero: never periodically.
+    pub save_interval: Option<Duration>,
 }
 
 /// Server-wide memory policy.
@@ -161,6 +165,9 @@ pub struct Config {
     pub max_connections: usize,
     /// HOST:PORT of the Prometheus `/metrics` endpoint; `None`: no metrics (the default).
     pub metrics: Option<String>,
+    /// How often exports with an image save it, unless they set their own; `None` or zero:
+    /// only on stop and SIGHUP.
+    pub save_interval: Option<Duration>,
     /// The configuration file this came from, if any.
     pub source: Option<PathBuf>,
     /// Where the values that [`Config::validate`] checks came from.
@@ -240,6 +247,8 @@ impl Config {
                 read_only: false,
                 description: String::new(),
                 max_memory: None,
+                image: None,
+                save_interval: None,
             }],
             listen: vec![ListenAddr::Tcp(DEFAULT_LISTEN.to_owned())],
             memory: MemoryConfig::default(),
@@ -247,6 +256,7 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_connections: 1024,
             metrics: None,
+            save_interval: None,
             source: None,
             origins: Origins::default(),
         }
@@ -294,6 +304,23 @@ impl Config {
                     "the export name",
                     problem,
                     "use a shorter name",
+                ));
+            }
+            if let Some(image) = &export.image
+                && let Some(first) = self.exports[..i]
+                    .iter()
+                    .find(|e| e.image.as_ref() == Some(image))
+            {
+                let shown = image.display().to_string();
+                let problem = format!(
+                    "is also the image of export {:?}: two exports cannot share one file",
+                    first.name
+                );
+                return Err(origin(i).error(
+                    &shown,
+                    &format!("the image {shown} of export {name:?}"),
+                    &problem,
+                    "give every export an image file of its own",
                 ));
             }
             if let Some(first) = self.exports[..i].iter().position(|e| e.name == *name) {
@@ -435,8 +462,12 @@ impl Config {
         self.exports
             .iter()
             .map(|e| {
+                let image = e
+                    .image
+                    .as_ref()
+                    .map_or_else(String::new, |path| format!(" image {}", path.display()));
                 format!(
-                    "{:?} {}{}",
+                    "{:?} {}{}{image}",
                     e.name,
                     format_size(e.size),
                     if e.read_only { " ro" } else { "" }
@@ -470,6 +501,8 @@ mod tests {
                 read_only: false,
                 description: String::new(),
                 max_memory: None,
+                image: None,
+                save_interval: None,
             }]
         );
         assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);

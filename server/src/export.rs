@@ -36,6 +36,9 @@ pub struct Export {
     pub description: String,
     pub read_only: bool,
     pub disk: RamDisk,
+    /// The disk was adopted from the service manager's fd store: it holds what an earlier
+    /// process of this server wrote, newer than any image.
+    pub adopted: bool,
 }
 
 impl Export {
@@ -65,6 +68,7 @@ impl Export {
             backing: memory.backing.resolve(|name| std::env::var_os(name)),
             name: config.name.clone(),
         };
+        let adopted = matches!(origin, Origin::Stored(..));
         let disk = match origin {
             Origin::Private => RamDisk::with_options(config.size, &options)?,
             Origin::ToStore => {
@@ -119,6 +123,7 @@ impl Export {
             description: config.description.clone(),
             read_only: config.read_only,
             disk,
+            adopted,
         })
     }
 

@@ -5,8 +5,10 @@
 //! * [`config`] — validated configuration: the TOML file ([`config::file`]) with the command
 //!   line on top.
 //! * [`export`] — named exports and the transmission flags they advertise.
-//! * [`ramdisk`] — the RAM store: anonymous or memfd mapping, chunk locks, allocation map. The
-//!   only module with `unsafe` code.
+//! * [`image`] — snapshots of exports in image files: loaded at start, saved on stop, SIGHUP
+//!   and every `save-interval`.
+//! * [`ramdisk`] — the RAM store: anonymous or memfd mapping, chunk locks, allocation map,
+//!   dirty pages for snapshots. The only module with `unsafe` code.
 //! * [`proto`] — the wire protocol without I/O: constants, errno values, option payloads,
 //!   request decoding and reply encoding.
 //! * [`session`] — one connection: handshake, then pipelined transmission.
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod export;
 pub mod handover;
+pub mod image;
 pub mod metrics;
 pub mod proto;
 pub mod ramdisk;

@@ -11,6 +11,7 @@ use clap::Parser;
 use ramnbd::cli::Cli;
 use ramnbd::config::{Config, ListenAddr, format_size};
 use ramnbd::export::Exports;
+use ramnbd::image::Images;
 use ramnbd::metrics::{self, Metrics};
 use ramnbd::server::{self, ServeOptions};
 use ramnbd::shutdown::{Phase, Shutdown};
@@ -212,6 +213,9 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
         );
     }
     stored.discard_rest();
+    // Saves wait until the images are loaded; a bad image refuses the start.
+    let images = Images::start(&config, &exports, shutdown.clone())?;
+    images.load().await?;
     log_memory(&exports, "memory at start");
     let listeners = match (!inherited.is_empty()).then_some(inherited) {
         Some(sockets) => {
@@ -289,6 +293,8 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
         server::store_handed_over(&parked).context("storing the handed-over connections")?;
     }
     metrics_done.cancel();
+    // The sessions are done: their last writes are in the images.
+    images.save_on_stop().await?;
     log_memory(&exports, "memory at stop");
     tracing::info!("stopped");
     Ok(())

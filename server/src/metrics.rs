@@ -215,7 +215,7 @@ impl Collector for Metrics {
         m.encode_counter::<NoLabelSet, _, u64>(&self.connections_total.load(Relaxed), None)?;
 
         type Gauge = fn(&Metrics, usize, &crate::export::Export) -> u64;
-        let gauges: [(&str, &str, Gauge); 3] = [
+        let gauges: [(&str, &str, Gauge); 4] = [
             (
                 "ramnbd_export_size_bytes",
                 "Size of the export as clients see it",
@@ -230,6 +230,14 @@ impl Collector for Metrics {
                 "ramnbd_export_resident_bytes",
                 "Bytes of the export resident in RAM (not swapped out), sampled at most 10 s ago",
                 |m, i, _| m.resident.bytes[i].load(Relaxed),
+            ),
+            (
+                "ramnbd_export_save_pause_longest_microseconds",
+                "Longest time a save of the export's image held client writes back (0: none yet)",
+                |_, _, e| {
+                    let pause = e.disk.longest_snapshot_pause().as_micros();
+                    u64::try_from(pause).unwrap_or(u64::MAX)
+                },
             ),
         ];
         for (name, help, value) in gauges {
@@ -409,6 +417,7 @@ mod tests {
             read_only: false,
             description: String::new(),
             max_memory: None,
+            ..Default::default()
         };
         Arc::new(Exports::new(&[config(""), config("b")]).unwrap())
     }
@@ -479,6 +488,7 @@ mod resident_tests {
             read_only: false,
             description: String::new(),
             max_memory: None,
+            ..Default::default()
         };
         let exports = Arc::new(Exports::new(&[config]).unwrap());
         exports

@@ -27,11 +27,19 @@ pub const DEFAULT_PATH: &str = "/etc/ramnbd/ramnbd.toml";
 // The keys each table allows, in the order that errors list them.
 const SECTIONS: &[&str] = &["listen", "export", "memory", "logging", "metrics", "server"];
 const LISTEN_KEYS: &[&str] = &["tcp", "unix"];
-const EXPORT_KEYS: &[&str] = &["name", "size", "read-only", "description", "max-memory"];
+const EXPORT_KEYS: &[&str] = &[
+    "name",
+    "size",
+    "read-only",
+    "description",
+    "max-memory",
+    "image",
+    "save-interval",
+];
 const MEMORY_KEYS: &[&str] = &["max-memory", "mlock", "hugepages", "backing"];
 const LOGGING_KEYS: &[&str] = &["level"];
 const METRICS_KEYS: &[&str] = &["listen"];
-const SERVER_KEYS: &[&str] = &["max-connections", "shutdown-grace"];
+const SERVER_KEYS: &[&str] = &["max-connections", "shutdown-grace", "save-interval"];
 
 const SYNTAX_FIX: &str = "fix the TOML syntax there: strings need double quotes, tables are \
                           written [name] and export tables [[export]]";
@@ -145,6 +153,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         if let Some(grace) = server.optional("shutdown-grace", Item::duration)? {
             config.shutdown_grace = grace;
         }
+        config.save_interval = server.optional("save-interval", Item::duration)?;
     }
     config.validate()?;
     Ok(config)
@@ -163,6 +172,8 @@ fn export(item: &Item<'_>) -> Result<(ExportConfig, Origin), ConfigError> {
             .unwrap_or("")
             .to_owned(),
         max_memory: table.optional("max-memory", Item::size)?,
+        image: table.optional("image", Item::path)?,
+        save_interval: table.optional("save-interval", Item::duration)?,
     };
     Ok((export, name.origin()))
 }
@@ -374,6 +385,17 @@ impl<'a> Item<'a> {
         };
         parse_duration(&text)
             .map_err(|reason| self.error(&format!("bad duration {text:?}: {reason}"), DURATION_FIX))
+    }
+
+    /// A file path: a non-empty string.
+    fn path(&self) -> Result<std::path::PathBuf, ConfigError> {
+        match self.string()? {
+            "" => Err(self.error(
+                "is empty",
+                "give the image file's path, such as \"/var/lib/ramnbd/disk.img\"",
+            )),
+            path => Ok(path.into()),
+        }
     }
 
     /// A whole number of at least 1.

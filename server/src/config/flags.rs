@@ -57,6 +57,23 @@ impl Config {
             self.shutdown_grace = parse_duration(text)
                 .map_err(|reason| flag_error("--shutdown-grace", text, reason))?;
         }
+        if let Some(path) = cli.image {
+            let Some(export) = self.exports.iter_mut().find(|e| e.name.is_empty()) else {
+                return Err(flag_error(
+                    "--image",
+                    &path.display().to_string(),
+                    "there is no default export (\"\") to give it to; give the exports their \
+                     images with image=PATH in --export, or in the config file"
+                        .to_owned(),
+                ));
+            };
+            export.image = Some(path);
+        }
+        if let Some(text) = &cli.save_interval {
+            let interval = parse_duration(text)
+                .map_err(|reason| flag_error("--save-interval", text, reason))?;
+            self.save_interval = Some(interval);
+        }
         if let Some(addr) = cli.metrics {
             check_host_port(&addr).map_err(|reason| flag_error("--metrics", &addr, reason))?;
             self.set_metrics(addr, Origin::Flag("--metrics"));
@@ -82,7 +99,8 @@ fn flag_error(flag: &'static str, value: &str, reason: String) -> ConfigError {
     }
 }
 
-/// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,description=TEXT]`.
+/// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
+/// [,description=TEXT]`.
 pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::ExportSpec {
         spec: spec.to_owned(),
@@ -104,6 +122,8 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let size = parse_size(size_text, &format!("export {name:?}"))?;
     let mut read_only = false;
     let mut max_memory = None;
+    let mut image = None;
+    let mut save_interval = None;
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => read_only = true,
@@ -111,6 +131,13 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
             Some(("max-memory", value)) => {
                 let what = format!("max-memory of export {name:?}");
                 max_memory = Some(parse_size(value, &what)?);
+            }
+            Some(("image", "")) => return Err(bad("image= needs a file path")),
+            Some(("image", path)) => image = Some(path.into()),
+            Some(("save-interval", value)) => {
+                let interval = parse_duration(value)
+                    .map_err(|reason| bad(&format!("save-interval {value:?}: {reason}")))?;
+                save_interval = Some(interval);
             }
             _ => return Err(bad(&format!("unknown option {option:?}"))),
         }
@@ -121,5 +148,7 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
         read_only,
         description,
         max_memory,
+        image,
+        save_interval,
     })
 }

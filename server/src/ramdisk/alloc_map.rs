@@ -92,6 +92,14 @@ impl AllocationMap {
         new
     }
 
+    /// Clears every bit of `word`; returns the bits that were set.
+    pub(super) fn take(&self, word: &AtomicU64) -> u64 {
+        let before = word.swap(0, Ordering::AcqRel);
+        self.allocated_pages
+            .fetch_sub(u64::from(before.count_ones()), Ordering::Relaxed);
+        before
+    }
+
     /// Clears `bits` in `word`; returns how many were set before.
     pub(super) fn clear(&self, word: &AtomicU64, bits: u64) -> u64 {
         let before = word.fetch_and(!bits, Ordering::Release);

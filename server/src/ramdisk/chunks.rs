@@ -243,3 +243,53 @@ impl WriteGuard<'_> {
         self.chunks.map.set(self.word, bits)
     }
 }
+
+impl Chunks {
+    /// Takes every chunk lock shared, in index order: no write can be in progress or start
+    /// anywhere in the export until the result is dropped, while reads go on. For the final
+    /// pass of a snapshot (`dirty`). Deadlock-free although it holds many locks: every other
+    /// user holds one lock at a time and waits for no other while holding it, so whoever
+    /// holds a lock this waits for will release it.
+    pub(super) fn freeze(&self) -> Frozen<'_> {
+        let locks = self
+            .locks
+            .iter()
+            .map(|lock| lock.0.read().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        Frozen {
+            _locks: locks,
+            chunks: self,
+        }
+    }
+}
+
+/// Shared access to every chunk at once: see [`Chunks::freeze`].
+#[derive(Debug)]
+pub(super) struct Frozen<'a> {
+    _locks: Vec<RwLockReadGuard<'a, ()>>,
+    chunks: &'a Chunks,
+}
+
+impl Frozen<'_> {
+    /// `chunk`'s allocation bits.
+    pub(super) fn allocated(&self, chunk: u64) -> u64 {
+        self.chunks.map.bits(chunk)
+    }
+
+    /// Copies `dst.len()` bytes at export offset `offset`, which must lie inside one chunk.
+    pub(super) fn copy_out(&self, offset: u64, dst: &mut [u8]) {
+        let span = self.chunks.span(offset / CHUNK_SIZE);
+        check_inside(&(offset..offset + dst.len() as u64), &span);
+        // SAFETY: the range lies inside one chunk, inside the export and so inside the
+        // mapping. We hold every chunk's read lock, this one's among them, so no writer
+        // changes these bytes during the copy; `dst` is a `&mut` the caller owns, so it cannot
+        // overlap the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.chunks.backing.map().as_ptr().add(offset as usize),
+                dst.as_mut_ptr(),
+                dst.len(),
+            );
+        }
+    }
+}

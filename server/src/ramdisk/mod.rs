@@ -55,6 +55,7 @@ mod alloc_map;
 mod backing;
 mod budget;
 mod chunks;
+mod dirty;
 mod os;
 
 use std::io;
@@ -62,6 +63,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 pub use budget::{MemoryBudget, NoSpace};
+pub use dirty::{Copied, Pause, Snapshot, SnapshotError};
 
 use alloc_map::AllocationMap;
 use backing::{Anonymous, Backing, Memfd, Policy};
@@ -132,6 +134,8 @@ pub struct RamDisk {
     size: u64,
     chunks: Chunks,
     budgets: Budgets,
+    /// Which pages changed since the last snapshot pass (see `dirty`).
+    dirty: dirty::DirtyLog,
 }
 
 impl RamDisk {
@@ -153,6 +157,7 @@ impl RamDisk {
             size,
             chunks: Chunks::new(size, backing, map),
             budgets: Budgets::new(options.budgets.clone()),
+            dirty: Default::default(),
         })
     }
 
@@ -197,6 +202,7 @@ impl RamDisk {
             size,
             chunks: Chunks::new(size, Box::new(backing), map),
             budgets,
+            dirty: Default::default(),
         })
     }
 
@@ -525,6 +531,7 @@ impl<'a> Update<'a> {
     /// Applies `fill` to one piece, page by page, under the piece's chunk write lock.
     fn apply(&mut self, piece: Piece, fill: Fill<'_>) {
         let mut guard = self.disk.chunks.write(piece.chunk);
+        self.disk.dirty.mark(piece.chunk, piece.page_bits());
         let mut releases = Releases::default();
         let mut stored = 0u64;
         let held = guard.allocated();

@@ -27,6 +27,7 @@ fn exports(size: u64) -> Arc<Exports> {
         read_only: false,
         description: String::new(),
         max_memory: None,
+        ..Default::default()
     };
     Arc::new(Exports::new(&[config]).expect("create the export"))
 }
@@ -801,6 +802,7 @@ async fn a_session_is_not_resumed_onto_an_export_that_changed() {
             read_only: true,
             description: String::new(),
             max_memory: None,
+            ..Default::default()
         }])
         .unwrap(),
     );

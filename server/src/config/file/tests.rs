@@ -548,3 +548,68 @@ fn auto_backing_is_a_memfd_only_under_a_service_manager() {
     );
     assert_eq!(BackingChoice::Memfd.resolve(env(&[])), BackingKind::Memfd);
 }
+
+#[test]
+fn images_and_save_intervals() {
+    let c = parse_str(
+        r#"
+[[export]]
+name = "a"
+size = "1G"
+image = "/var/lib/ramnbd/a.img"
+save-interval = "15m"
+[[export]]
+name = "b"
+size = "1G"
+image = "b.img"
+[server]
+save-interval = "1h"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.exports[0].image, Some("/var/lib/ramnbd/a.img".into()));
+    assert_eq!(c.exports[0].save_interval, Some(Duration::from_secs(900)));
+    assert_eq!(c.exports[1].image, Some("b.img".into()));
+    assert_eq!(c.exports[1].save_interval, None);
+    assert_eq!(c.save_interval, Some(Duration::from_secs(3600)));
+
+    let e = error("[[export]]\nname = \"a\"\nsize = \"1G\"\nimage = \"\"\n");
+    assert!(e.contains(":4:9: export[0].image: is empty"), "{e}");
+    let e = error(
+        "[[export]]\nname = \"a\"\nsize = \"1G\"\nimage = \"x.img\"\n\
+         [[export]]\nname = \"b\"\nsize = \"1G\"\nimage = \"x.img\"\n",
+    );
+    assert!(e.contains("two exports cannot share one file"), "{e}");
+
+    // Flags: --image is the default export's, --save-interval the global interval.
+    let c = Config::try_from(cli(&[
+        "-s",
+        "1G",
+        "--image",
+        "/d.img",
+        "--save-interval",
+        "10m",
+    ]))
+    .unwrap();
+    assert_eq!(c.exports[0].image, Some("/d.img".into()));
+    assert_eq!(c.save_interval, Some(Duration::from_secs(600)));
+    let e = Config::try_from(cli(&["-e", "a=1G", "--image", "/d.img"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--image") && e.contains("no default export"),
+        "{e}"
+    );
+    let c = Config::try_from(cli(&["-e", "a=1G,image=/a.img,save-interval=30s,ro"])).unwrap();
+    assert_eq!(c.exports[0].image, Some("/a.img".into()));
+    assert_eq!(c.exports[0].save_interval, Some(Duration::from_secs(30)));
+    assert!(c.exports[0].read_only);
+    let e = Config::try_from(cli(&["-e", "a=1G,image=/x", "-e", "b=1G,image=/x"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("two exports cannot share one file"), "{e}");
+    for bad in ["a=1G,image=", "a=1G,save-interval=soon"] {
+        let e = Config::try_from(cli(&["-e", bad])).unwrap_err().to_string();
+        assert!(e.contains("image") || e.contains("save-interval"), "{e}");
+    }
+}
