@@ -99,6 +99,9 @@ fn libnbd_requests_in_flight_survive_a_hand_over(clients: Clients) {
     let exports = Arc::new(Exports::new(&[config]).unwrap());
     let options = |metrics| ServeOptions {
         max_connections: 4,
+        max_connections_per_client: 0,
+        handshake_timeout: None,
+        tcp_keepalive: None,
         shutdown_grace: Duration::from_secs(30),
         metrics: Some(metrics),
     };

@@ -55,6 +55,25 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
 
+    /// Connections served at once; further clients wait until one leaves (default 1024). The
+    /// soft open-files limit is raised at start to what this needs.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<String>,
+
+    /// Connections one client may hold at once, counted by IP address for TCP (0: no limit,
+    /// the default). A connection over it is closed before the greeting.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_client: Option<String>,
+
+    /// Close a connection that has not finished its handshake within this time (default 10s;
+    /// 0: no deadline, which lets silent connections hold their slot for ever).
+    #[arg(long, value_name = "DURATION")]
+    pub handshake_timeout: Option<String>,
+
+    /// Idle time before TCP keepalive probes find a vanished client (default 60s; 0: off).
+    #[arg(long, value_name = "DURATION")]
+    pub tcp_keepalive: Option<String>,
+
     /// Size of the default export (binary units: 4G = 4 GiB).
     #[arg(short, long, value_name = "SIZE", conflicts_with = "exports")]
     pub size: Option<String>,

@@ -163,6 +163,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections one client address may hold at once (TCP: by IP); 0: no per-client cap.
+    pub max_connections_per_client: usize,
+    /// How long a connection may take to reach the transmission phase; zero: no deadline.
+    pub handshake_timeout: Duration,
+    /// Idle time before TCP keepalive probes start on accepted connections; zero: off.
+    pub tcp_keepalive: Duration,
     /// HOST:PORT of the Prometheus `/metrics` endpoint; `None`: no metrics (the default).
     pub metrics: Option<String>,
     /// How often exports with an image save it, unless they set their own; `None` or zero:
@@ -236,6 +242,19 @@ impl Origin {
 /// The built-in default grace period for a stopping server.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The built-in handshake deadline: ample for any real client (they negotiate in
+/// milliseconds), short enough that connections that send nothing are soon closed.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The built-in per-client cap: 0, none. One address may be a NAT gateway or a host with many
+/// legitimate clients (a kernel client opens one connection per queue), so a cap is a choice
+/// for the operator who knows the clients.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 0;
+
+/// The built-in TCP keepalive idle time: a peer that vanished (power loss, cut link) is found
+/// and its connection closed after this plus the kernel's probes (9 × 75 s by default).
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
 impl Config {
     /// The configuration with no file and no flags: one 1 GiB export named "" on
     /// 127.0.0.1:10809.
@@ -255,6 +274,9 @@ impl Config {
             log_level: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_connections: 1024,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            tcp_keepalive: DEFAULT_TCP_KEEPALIVE,
             metrics: None,
             save_interval: None,
             source: None,

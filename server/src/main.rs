@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -274,8 +275,20 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     ));
     systemd::spawn_watchdog();
 
+    let max_connections = server::raise_fd_limit(config.max_connections, listeners.len())
+        .context("raising the open-files limit (RLIMIT_NOFILE)")?;
+    if config.handshake_timeout.is_zero() {
+        tracing::warn!(
+            "handshake-timeout is 0: a client that connects and sends nothing holds its \
+             connection slot and file descriptor until it leaves"
+        );
+    }
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
     let options = ServeOptions {
-        max_connections: config.max_connections,
+        max_connections,
+        max_connections_per_client: config.max_connections_per_client,
+        handshake_timeout: nonzero(config.handshake_timeout),
+        tcp_keepalive: nonzero(config.tcp_keepalive),
         shutdown_grace: config.shutdown_grace,
         metrics,
     };

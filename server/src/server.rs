@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -139,9 +140,60 @@ async fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub max_connections: usize,
+    /// Connections one client address may hold at once (see [`PerClient`]); 0: no cap.
+    pub max_connections_per_client: usize,
+    /// A connection not in the transmission phase by then is closed; `None`: no deadline.
+    pub handshake_timeout: Option<Duration>,
+    /// TCP keepalive idle time on accepted TCP connections; `None`: keepalive off.
+    pub tcp_keepalive: Option<Duration>,
     pub shutdown_grace: Duration,
     /// Where requests and connections are counted; `None` when metrics are off.
     pub metrics: Option<Arc<Metrics>>,
+}
+
+/// File descriptors a server needs beyond one per connection: listeners, the metrics
+/// endpoint, images, memfds, the log, the runtime's own.
+pub const FD_MARGIN: u64 = 64;
+
+/// Raises the soft open-files limit (RLIMIT_NOFILE; systemd leaves it at 1024) to what
+/// `max_connections` connections on `listeners` listeners need, and returns the connection cap
+/// to serve with: `max_connections`, or, if the hard limit is below what it needs, what the
+/// hard limit allows (with a warning naming max-connections and `LimitNOFILE=`). Lowering
+/// the cap rather than refusing to start: a server whose cap is the fd table serves every
+/// connection it accepts, one above the fd table would fail accepts (EMFILE) under load.
+pub fn raise_fd_limit(max_connections: usize, listeners: usize) -> io::Result<usize> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let needed = (max_connections as u64)
+        .saturating_add(listeners as u64)
+        .saturating_add(FD_MARGIN);
+    // `None` is unlimited.
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    let target = needed.min(hard);
+    if soft < target {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: limit.maximum,
+            },
+        )?;
+        tracing::info!(from = soft, to = target, "raised the soft open-files limit");
+    }
+    if needed <= hard {
+        return Ok(max_connections);
+    }
+    let allowed = hard.saturating_sub(listeners as u64 + FD_MARGIN).max(1) as usize;
+    tracing::warn!(
+        max_connections,
+        hard_limit = hard,
+        serving_at_most = allowed,
+        "max-connections {max_connections} needs {needed} open files but the hard limit is \
+         {hard}: serving at most {allowed} connections; raise LimitNOFILE= in the service \
+         unit (or ulimit -Hn) or lower max-connections"
+    );
+    Ok(allowed)
 }
 
 /// A connection in transmission, suspended by a hand-over or to be resumed: its socket (a
@@ -194,6 +246,7 @@ pub async fn serve_adopting(
             shutdown: shutdown.clone(),
             metrics: options.metrics.clone(),
             handed_over: Arc::clone(&handed_over),
+            handshake_timeout: options.handshake_timeout,
         };
         let span = tracing::info_span!("conn", peer = "adopted", export = tracing::field::Empty);
         tracker.spawn(
@@ -204,16 +257,20 @@ pub async fn serve_adopting(
             .instrument(span),
         );
     }
+    let per_client = PerClient::new(options.max_connections_per_client);
     for listener in listeners {
         let accept = accept_loop(
             listener,
             Arc::clone(&slots),
+            Arc::clone(&per_client),
+            options.tcp_keepalive,
             tracker.clone(),
             Session {
                 exports: Arc::clone(&exports),
                 shutdown: shutdown.clone(),
                 metrics: options.metrics.clone(),
                 handed_over: Arc::clone(&handed_over),
+                handshake_timeout: options.handshake_timeout,
             },
         );
         accepting.spawn(accept);
@@ -277,6 +334,7 @@ struct Session {
     shutdown: Shutdown,
     metrics: Option<Arc<Metrics>>,
     handed_over: HandedOverList,
+    handshake_timeout: Option<Duration>,
 }
 
 /// How a session task begins.
@@ -305,11 +363,20 @@ impl Session {
             shutdown,
             metrics,
             handed_over,
+            handshake_timeout,
         } = self;
         let suspended = match stream {
             Stream::Tcp(stream) => {
                 let (reader, writer) = stream.into_split();
-                let ended = serve_or_resume(reader, writer, state, exports, shutdown, metrics);
+                let ended = serve_or_resume(
+                    reader,
+                    writer,
+                    state,
+                    handshake_timeout,
+                    exports,
+                    shutdown,
+                    metrics,
+                );
                 ended.await.map(
                     |HandedOver {
                          reader,
@@ -323,7 +390,15 @@ impl Session {
             }
             Stream::Unix(stream) => {
                 let (reader, writer) = stream.into_split();
-                let ended = serve_or_resume(reader, writer, state, exports, shutdown, metrics);
+                let ended = serve_or_resume(
+                    reader,
+                    writer,
+                    state,
+                    handshake_timeout,
+                    exports,
+                    shutdown,
+                    metrics,
+                );
                 ended.await.map(
                     |HandedOver {
                          reader,
@@ -355,6 +430,7 @@ async fn serve_or_resume<R, W>(
     reader: R,
     writer: W,
     state: Option<Suspended>,
+    handshake_timeout: Option<Duration>,
     exports: Arc<Exports>,
     shutdown: Shutdown,
     metrics: Option<Arc<Metrics>>,
@@ -364,7 +440,17 @@ where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match state {
-        None => session::serve(reader, writer, exports, shutdown, metrics).await,
+        None => {
+            session::serve_within(
+                reader,
+                writer,
+                handshake_timeout,
+                exports,
+                shutdown,
+                metrics,
+            )
+            .await
+        }
         Some(state) => session::resume(reader, writer, state, exports, shutdown, metrics).await,
     }
 }
@@ -376,6 +462,8 @@ fn unpaired() -> io::Error {
 async fn accept_loop(
     listener: Listener,
     slots: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+    tcp_keepalive: Option<Duration>,
     tracker: TaskTracker,
     session: Session,
 ) {
@@ -389,7 +477,7 @@ async fn accept_loop(
             accepted = accept(&listener) => accepted,
             () = shutdown.reached(Phase::Stopping) => return,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, client) = match accepted {
             Ok(conn) => conn,
             Err(err) => {
                 // EMFILE and friends: back off rather than spin, and keep serving.
@@ -398,12 +486,23 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Closed before the greeting: the client learns nothing and holds nothing.
+        let Some(client_slot) = per_client.admit(client) else {
+            drop(stream);
+            continue;
+        };
+        if let (Stream::Tcp(tcp), Some(idle)) = (&stream, tcp_keepalive)
+            && let Err(err) = set_keepalive(tcp, idle)
+        {
+            tracing::warn!(peer, cause = %err, "cannot set TCP keepalive");
+        }
         let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
         let session = session.clone();
         tracker.spawn(
             async move {
                 tracing::debug!("accepted");
                 session.run(Start::Accepted(stream)).await;
+                drop(client_slot);
                 drop(slot);
             }
             .instrument(span),
@@ -558,17 +657,114 @@ impl Stream {
     }
 }
 
-/// Accepts one connection. TCP gets TCP_NODELAY: replies are small and latency-bound.
-async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+/// Accepts one connection: the stream, the peer for the log, and the client it is counted
+/// under by [`PerClient`] (`None`: not counted). TCP gets TCP_NODELAY: replies are small and
+/// latency-bound.
+async fn accept(listener: &Listener) -> io::Result<(Stream, String, Option<IpAddr>)> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, peer) = l.accept().await?;
             stream.set_nodelay(true)?;
-            Ok((Stream::Tcp(stream), peer.to_string()))
+            Ok((Stream::Tcp(stream), peer.to_string(), Some(peer.ip())))
         }
         Listener::Unix(l, SocketFile(path)) | Listener::UnixInherited(l, path) => {
             let (stream, _) = l.accept().await?;
-            Ok((Stream::Unix(stream), format!("unix:{}", path.display())))
+            // Local clients are not counted: the socket's permissions decide who may connect.
+            Ok((
+                Stream::Unix(stream),
+                format!("unix:{}", path.display()),
+                None,
+            ))
+        }
+    }
+}
+
+/// SO_KEEPALIVE with probes after `idle` without traffic (the kernel's interval and count).
+fn set_keepalive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(stream, true)?;
+    // Whole seconds, at least one: what the kernel takes.
+    sockopt::set_tcp_keepidle(stream, idle.max(Duration::from_secs(1)))?;
+    Ok(())
+}
+
+/// The per-client connection cap: how many connections each client address holds, and the
+/// log of refusals, at most one line per [`REFUSAL_LOG_EVERY`] so that a client hammering the
+/// cap cannot flood the log.
+#[derive(Debug)]
+struct PerClient {
+    /// 0: no cap (nothing is counted).
+    cap: usize,
+    state: Mutex<PerClientState>,
+}
+
+#[derive(Debug, Default)]
+struct PerClientState {
+    held: HashMap<IpAddr, usize>,
+    /// When a refusal was last logged, and the refusals since that were not.
+    last_logged: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+/// The least time between two log lines about refused connections.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl PerClient {
+    fn new(cap: usize) -> Arc<PerClient> {
+        Arc::new(PerClient {
+            cap,
+            state: Mutex::default(),
+        })
+    }
+
+    /// A slot for one more connection from `client`, or `None` (logged) if it holds the cap.
+    fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Option<ClientSlot> {
+        let (Some(addr), true) = (client, self.cap > 0) else {
+            return Some(ClientSlot(None));
+        };
+        let mut state = self.state.lock().expect("never poisoned");
+        let held = state.held.entry(addr).or_insert(0);
+        if *held < self.cap {
+            *held += 1;
+            return Some(ClientSlot(Some((Arc::clone(self), addr))));
+        }
+        let now = tokio::time::Instant::now();
+        if state
+            .last_logged
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY)
+        {
+            state.unlogged += 1;
+        } else {
+            tracing::warn!(
+                client = %addr,
+                max_connections_per_client = self.cap,
+                refused_unlogged = state.unlogged,
+                "{addr} holds max-connections-per-client ({}) connections: closing a new one \
+                 before the greeting (further refusals are logged at most every {}s)",
+                self.cap,
+                REFUSAL_LOG_EVERY.as_secs()
+            );
+            state.last_logged = Some(now);
+            state.unlogged = 0;
+        }
+        None
+    }
+}
+
+/// One connection counted under [`PerClient`]; dropping it frees the slot.
+struct ClientSlot(Option<(Arc<PerClient>, IpAddr)>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let Some((per_client, addr)) = self.0.take() else {
+            return;
+        };
+        let mut state = per_client.state.lock().expect("never poisoned");
+        if let Some(held) = state.held.get_mut(&addr) {
+            *held -= 1;
+            if *held == 0 {
+                state.held.remove(&addr);
+            }
         }
     }
 }

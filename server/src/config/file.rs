@@ -39,7 +39,14 @@ const EXPORT_KEYS: &[&str] = &[
 const MEMORY_KEYS: &[&str] = &["max-memory", "mlock", "hugepages", "backing"];
 const LOGGING_KEYS: &[&str] = &["level"];
 const METRICS_KEYS: &[&str] = &["listen"];
-const SERVER_KEYS: &[&str] = &["max-connections", "shutdown-grace", "save-interval"];
+const SERVER_KEYS: &[&str] = &[
+    "max-connections",
+    "max-connections-per-client",
+    "handshake-timeout",
+    "tcp-keepalive",
+    "shutdown-grace",
+    "save-interval",
+];
 
 const SYNTAX_FIX: &str = "fix the TOML syntax there: strings need double quotes, tables are \
                           written [name] and export tables [[export]]";
@@ -149,6 +156,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let server = server.table(SERVER_KEYS)?;
         if let Some(max) = server.optional("max-connections", Item::count)? {
             config.max_connections = max;
+        }
+        if let Some(max) = server.optional("max-connections-per-client", Item::count_or_zero)? {
+            config.max_connections_per_client = max;
+        }
+        if let Some(timeout) = server.optional("handshake-timeout", Item::duration)? {
+            config.handshake_timeout = timeout;
+        }
+        if let Some(idle) = server.optional("tcp-keepalive", Item::duration)? {
+            config.tcp_keepalive = idle;
         }
         if let Some(grace) = server.optional("shutdown-grace", Item::duration)? {
             config.shutdown_grace = grace;
@@ -404,6 +420,18 @@ impl<'a> Item<'a> {
         match self.integer(fix)? {
             None => Err(self.wrong_type("a whole number")),
             Some(n) if n < 1 => Err(self.error("must be at least 1", fix)),
+            Some(n) => {
+                usize::try_from(n).map_err(|_| self.error(&format!("{n} is out of range"), fix))
+            }
+        }
+    }
+
+    /// A whole number of at least 0 (0: no limit).
+    fn count_or_zero(&self) -> Result<usize, ConfigError> {
+        let fix = "set a number of connections, such as 16, or 0 for no limit";
+        match self.integer(fix)? {
+            None => Err(self.wrong_type("a whole number")),
+            Some(n) if n < 0 => Err(self.error("must not be negative", fix)),
             Some(n) => {
                 usize::try_from(n).map_err(|_| self.error(&format!("{n} is out of range"), fix))
             }

@@ -57,6 +57,29 @@ impl Config {
             self.shutdown_grace = parse_duration(text)
                 .map_err(|reason| flag_error("--shutdown-grace", text, reason))?;
         }
+        if let Some(text) = &cli.handshake_timeout {
+            self.handshake_timeout = parse_duration(text)
+                .map_err(|reason| flag_error("--handshake-timeout", text, reason))?;
+        }
+        if let Some(text) = &cli.tcp_keepalive {
+            self.tcp_keepalive = parse_duration(text)
+                .map_err(|reason| flag_error("--tcp-keepalive", text, reason))?;
+        }
+        if let Some(text) = &cli.max_connections {
+            self.max_connections = match text.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    let reason = "expected a whole number of at least 1, such as 1024";
+                    return Err(flag_error("--max-connections", text, reason.to_owned()));
+                }
+            };
+        }
+        if let Some(text) = &cli.max_connections_per_client {
+            self.max_connections_per_client = text.trim().parse::<usize>().map_err(|_| {
+                let reason = "expected a whole number, such as 16, or 0 for no limit";
+                flag_error("--max-connections-per-client", text, reason.to_owned())
+            })?;
+        }
         if let Some(path) = cli.image {
             let Some(export) = self.exports.iter_mut().find(|e| e.name.is_empty()) else {
                 return Err(flag_error(

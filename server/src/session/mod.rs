@@ -19,6 +19,7 @@ mod transmit;
 mod tests;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -42,8 +43,26 @@ pub struct HandedOver<R, W> {
 /// `Some` if a hand-over suspended it. Errors are logged here: one connection's failure never
 /// affects another.
 pub async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    exports: Arc<Exports>,
+    shutdown: Shutdown,
+    metrics: Option<Arc<Metrics>>,
+) -> Option<HandedOver<R, W>>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    serve_within(reader, writer, None, exports, shutdown, metrics).await
+}
+
+/// Like [`serve`], closing the connection if it has not reached the transmission phase
+/// within `handshake_deadline` (`None`: no deadline): a client that connects and sends
+/// nothing, or too little, must not hold its slot and file descriptor for ever.
+pub async fn serve_within<R, W>(
     mut reader: R,
     mut writer: W,
+    handshake_deadline: Option<Duration>,
     exports: Arc<Exports>,
     shutdown: Shutdown,
     metrics: Option<Arc<Metrics>>,
@@ -54,15 +73,26 @@ where
 {
     // One view of the shutdown phases for the whole connection, handshake and transmission.
     let mut watch = shutdown.watch();
-    let negotiated =
-        match negotiate::negotiate(&mut reader, &mut writer, &exports, &mut watch).await {
-            Ok(Some(negotiated)) => negotiated,
-            Ok(None) => return None,
-            Err(err) => {
-                tracing::debug!(cause = %err, "handshake ended");
+    let handshake = negotiate::negotiate(&mut reader, &mut writer, &exports, &mut watch);
+    let handshake = match handshake_deadline {
+        None => handshake.await,
+        Some(deadline) => match tokio::time::timeout(deadline, handshake).await {
+            Ok(ended) => ended,
+            Err(_elapsed) => {
+                // Debug, not info: a flood of silent connections must not flood the log too.
+                tracing::debug!(?deadline, "handshake not finished in time: closing");
                 return None;
             }
-        };
+        },
+    };
+    let negotiated = match handshake {
+        Ok(Some(negotiated)) => negotiated,
+        Ok(None) => return None,
+        Err(err) => {
+            tracing::debug!(cause = %err, "handshake ended");
+            return None;
+        }
+    };
     tracing::Span::current().record("export", negotiated.export.name.as_str());
     tracing::info!(
         mode = ?negotiated.reply_mode(),

@@ -942,6 +942,9 @@ async fn the_server_collects_suspended_connections_and_a_second_one_adopts_them(
     let exports = exports(MIB);
     let options = ServeOptions {
         max_connections: 4,
+        max_connections_per_client: 0,
+        handshake_timeout: None,
+        tcp_keepalive: None,
         shutdown_grace: Duration::from_secs(5),
         metrics: None,
     };
