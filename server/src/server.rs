@@ -88,24 +88,39 @@ pub fn inherited(sockets: Vec<Inherited>) -> io::Result<Vec<Listener>> {
         .collect()
 }
 
+/// The listen backlog: connections the kernel completes and queues while the accept loop is
+/// busy, or while the connection cap is reached. Tokio's (and std's) 128 overflows when a
+/// burst of clients connects, and each dropped SYN costs that client a 1 s retransmission.
+/// The kernel caps it at net.core.somaxconn; inherited sockets have their unit's `Backlog=`.
+const LISTEN_BACKLOG: i32 = 1024;
+
 /// Binds every configured address. A stale Unix socket file (nobody listening) is replaced; a
 /// live one is an error, so two servers never silently share a path.
 pub async fn bind(addrs: &[ListenAddr]) -> io::Result<Vec<Listener>> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let listener = match addr {
-            ListenAddr::Tcp(host_port) => TcpListener::bind(host_port.as_str())
-                .await
-                .map(Listener::Tcp)
-                .map_err(|err| {
+            ListenAddr::Tcp(host_port) => {
+                let context = |err: io::Error| {
                     io::Error::new(err.kind(), format!("listen on {host_port}: {err}"))
-                })?,
+                };
+                let listener = TcpListener::bind(host_port.as_str())
+                    .await
+                    .map_err(context)?;
+                rustix::net::listen(&listener, LISTEN_BACKLOG).map_err(|e| context(e.into()))?;
+                Listener::Tcp(listener)
+            }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
-                let listener = UnixListener::bind(path).map_err(|err| {
+                let context = |err: io::Error| {
                     io::Error::new(err.kind(), format!("listen on {}: {err}", path.display()))
-                })?;
-                Listener::Unix(listener, SocketFile(path.clone()))
+                };
+                let listener = UnixListener::bind(path).map_err(context)?;
+                let listener = Listener::Unix(listener, SocketFile(path.clone()));
+                if let Listener::Unix(l, _) = &listener {
+                    rustix::net::listen(l, LISTEN_BACKLOG).map_err(|e| context(e.into()))?;
+                }
+                listener
             }
         };
         listeners.push(listener);
