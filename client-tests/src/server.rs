@@ -107,12 +107,26 @@ impl Server {
     /// Starts `ramnbd [--no-config] ARGS -u TMPDIR/ramnbd.sock -l 127.0.0.1:0` and waits until
     /// both listeners are up. Panics (with the server's stderr) if it exits or does not come up in time.
     pub fn start<S: AsRef<OsStr>>(args: &[S]) -> Server {
+        Server::start_wrapped::<&str, S>(&[], args)
+    }
+
+    /// Like [`Server::start`], run under `wrapper` (a command that execs the rest of its
+    /// arguments in its own process, such as `prlimit --nofile=1024:4096`), so that
+    /// [`Server::pid`] is still the server's.
+    pub fn start_wrapped<W: AsRef<OsStr>, S: AsRef<OsStr>>(wrapper: &[W], args: &[S]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("ramnbd-test-")
             .tempdir()
             .expect("create a temporary directory");
         let unix = dir.path().join("ramnbd.sock");
-        let mut command = Command::new(ramnbd_bin());
+        let mut command = match wrapper.split_first() {
+            None => Command::new(ramnbd_bin()),
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(ramnbd_bin());
+                command
+            }
+        };
         // Hermetic: never pick up a machine's /etc/ramnbd/ramnbd.toml, unless the test chose a
         // config setting itself (clap refuses --no-config twice, or with --config).
         let chose_config = args.iter().any(|arg| {

@@ -191,6 +191,13 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     // Signals first: a stop requested while exports are created or sockets bound still stops
     // cleanly (Unix socket files removed, exit 0) instead of killing the process half set up.
     let shutdown = Shutdown::new();
+    // Before anything opens files: the fd table fits the connection cap from the start.
+    let listener_count = match inherited.len() {
+        0 => config.listen.len(),
+        n => n,
+    };
+    let max_connections = server::raise_fd_limit(config.max_connections, listener_count)
+        .context("raising the open-files limit (RLIMIT_NOFILE)")?;
     let fd_store = systemd::fd_store_available();
     spawn_signal_handler(shutdown.clone(), fd_store)?;
     if let Some(path) = &config.source {
@@ -275,8 +282,6 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     ));
     systemd::spawn_watchdog();
 
-    let max_connections = server::raise_fd_limit(config.max_connections, listeners.len())
-        .context("raising the open-files limit (RLIMIT_NOFILE)")?;
     if config.handshake_timeout.is_zero() {
         tracing::warn!(
             "handshake-timeout is 0: a client that connects and sends nothing holds its \

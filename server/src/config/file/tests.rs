@@ -613,3 +613,77 @@ save-interval = "1h"
         assert!(e.contains("image") || e.contains("save-interval"), "{e}");
     }
 }
+
+#[test]
+fn the_limits_keys_and_flags() {
+    // The defaults.
+    let c = parse_str("").unwrap();
+    assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(c.max_connections_per_client, 0);
+    assert_eq!(c.tcp_keepalive, Duration::from_secs(60));
+
+    let file = "[server]\nhandshake-timeout = \"2s\"\nmax-connections-per-client = 8\n\
+                tcp-keepalive = \"30s\"\n";
+    let c = parse_str(file).unwrap();
+    assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(c.max_connections_per_client, 8);
+    assert_eq!(c.tcp_keepalive, Duration::from_secs(30));
+    // Zero is allowed: no deadline, no cap, no keepalive.
+    let c = parse_str("[server]\nhandshake-timeout = 0\ntcp-keepalive = 0\n").unwrap();
+    assert!(c.handshake_timeout.is_zero() && c.tcp_keepalive.is_zero());
+
+    // Flags win over the file.
+    let c = parse_str(file)
+        .unwrap()
+        .apply_cli(cli(&[
+            "--handshake-timeout",
+            "500ms",
+            "--max-connections",
+            "3000",
+            "--max-connections-per-client",
+            "0",
+            "--tcp-keepalive",
+            "0",
+        ]))
+        .unwrap();
+    assert_eq!(c.handshake_timeout, Duration::from_millis(500));
+    assert_eq!(c.max_connections, 3000);
+    assert_eq!(c.max_connections_per_client, 0);
+    assert!(c.tcp_keepalive.is_zero());
+
+    // Bad values name the file, line, key and fix.
+    let e = error("[server]\nhandshake-timeout = \"soon\"\n");
+    assert!(
+        e.contains("test.toml:2:21: server.handshake-timeout: bad duration \"soon\""),
+        "{e}"
+    );
+    let e = error("[server]\nmax-connections-per-client = -1\n");
+    assert!(
+        e.contains(":2:30: server.max-connections-per-client: must not be negative")
+            && e.contains("or 0 for no limit"),
+        "{e}"
+    );
+    let e = error("[server]\ntcp-keepalive = \"1 fortnight\"\n");
+    assert!(
+        e.contains(":2:17: server.tcp-keepalive: bad duration"),
+        "{e}"
+    );
+
+    // Bad flags name the flag, the value and what is expected.
+    let flag_error = |args: &[&str]| Config::builtin().apply_cli(cli(args)).unwrap_err();
+    let e = flag_error(&["--max-connections", "0"]).to_string();
+    assert!(
+        e.contains("--max-connections") && e.contains("at least 1"),
+        "{e}"
+    );
+    let e = flag_error(&["--max-connections-per-client", "many"]).to_string();
+    assert!(
+        e.contains("--max-connections-per-client") && e.contains("\"many\""),
+        "{e}"
+    );
+    let e = flag_error(&["--handshake-timeout", "10 parsecs"]).to_string();
+    assert!(
+        e.contains("--handshake-timeout") && e.contains("unknown unit"),
+        "{e}"
+    );
+}
