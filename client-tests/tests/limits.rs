@@ -294,3 +294,22 @@ fn accepted_connections_have_tcp_keepalive() {
     assert!(client.read(0, 512).is_ok());
     assert_eq!(settled_timer(&server), "", "keepalive 0 is off");
 }
+
+#[test]
+fn a_hard_limit_too_low_for_max_connections_lowers_the_cap_and_says_how_to_fix_it() {
+    let server = Server::start_wrapped(
+        &["prlimit", "--nofile=1024:1024"],
+        &["-s", "16M", "--max-connections", "2000"],
+    );
+    // 1024 - 2 listeners - the margin of 64.
+    let log = server.wait_for_stderr("serving at most 958 connections", Duration::from_secs(5));
+    assert!(
+        log.contains("max-connections 2000 needs 2066 open files but the hard limit is 1024")
+            && log.contains("LimitNOFILE="),
+        "{log}"
+    );
+    assert_eq!(open_files_limit(server.pid()), (1024, 1024));
+    // It serves.
+    let mut client = Negotiate::new("").go(&server.tcp());
+    assert!(client.read(0, 512).is_ok());
+}

@@ -90,12 +90,28 @@ fn check_config(mut cli: Cli, file: Option<PathBuf>) -> ExitCode {
                     ListenAddr::Unix(path) => format!("unix {}", path.display()),
                 })
                 .collect();
+            let off_if_zero = |d: Duration| {
+                if d.is_zero() {
+                    "off".to_owned()
+                } else {
+                    format!("{d:?}")
+                }
+            };
+            let per_client = match config.max_connections_per_client {
+                0 => "no cap".to_owned(),
+                n => n.to_string(),
+            };
             println!(
-                "{shown}: OK\n  exports: {}\n  listen: {}\n  metrics: {}\n  shutdown grace: {:?}",
+                "{shown}: OK\n  exports: {}\n  listen: {}\n  metrics: {}\n  shutdown grace: {:?}\n  \
+                 connections: at most {} (per client: {per_client}), handshake timeout: {}, \
+                 tcp keepalive: {}",
                 config.describe_exports(),
                 listen.join(", "),
                 config.metrics.as_deref().unwrap_or("off"),
                 config.shutdown_grace,
+                config.max_connections,
+                off_if_zero(config.handshake_timeout),
+                off_if_zero(config.tcp_keepalive),
             );
             ExitCode::SUCCESS
         }
