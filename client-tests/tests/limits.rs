@@ -313,3 +313,23 @@ fn a_hard_limit_too_low_for_max_connections_lowers_the_cap_and_says_how_to_fix_i
     let mut client = Negotiate::new("").go(&server.tcp());
     assert!(client.read(0, 512).is_ok());
 }
+
+#[test]
+fn listeners_queue_a_burst_of_1024_connections() {
+    let server = Server::start(&["-s", "16M"]);
+    // ss shows a listener's backlog as its Send-Q: "[u_str] LISTEN Recv-Q Send-Q …".
+    let backlog = |args: &[&str]| {
+        let out = Command::new("ss").args(args).output().expect("run ss");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "LISTEN");
+        let send_q = at.and_then(|at| words.get(at + 2));
+        send_q
+            .unwrap_or_else(|| panic!("ss {args:?}: {text}"))
+            .to_string()
+    };
+    let port = format!("sport = :{}", server.tcp_addr().port());
+    assert_eq!(backlog(&["-ltnH", &port]), "1024");
+    let path = format!("src = {}", server.unix_path().display());
+    assert_eq!(backlog(&["-lxH", &path]), "1024");
+}

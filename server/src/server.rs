@@ -116,11 +116,10 @@ pub async fn bind(addrs: &[ListenAddr]) -> io::Result<Vec<Listener>> {
                     io::Error::new(err.kind(), format!("listen on {}: {err}", path.display()))
                 };
                 let listener = UnixListener::bind(path).map_err(context)?;
-                let listener = Listener::Unix(listener, SocketFile(path.clone()));
-                if let Listener::Unix(l, _) = &listener {
-                    rustix::net::listen(l, LISTEN_BACKLOG).map_err(|e| context(e.into()))?;
-                }
-                listener
+                // Owned at once, so that an error from here on removes the file.
+                let file = SocketFile(path.clone());
+                rustix::net::listen(&listener, LISTEN_BACKLOG).map_err(|e| context(e.into()))?;
+                Listener::Unix(listener, file)
             }
         };
         listeners.push(listener);
