@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::export::Exports;
+use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::shutdown::{PhaseWatch, Shutdown};
 
@@ -63,7 +64,10 @@ where
                 return None;
             }
         };
-    tracing::Span::current().record("export", negotiated.export.name.as_str());
+    tracing::Span::current().record(
+        "export",
+        tracing::field::display(Untrusted::text(&negotiated.export.name)),
+    );
     tracing::info!(
         mode = ?negotiated.reply_mode(),
         size = negotiated.export.size(),
@@ -88,7 +92,10 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    tracing::Span::current().record("export", state.export.as_str());
+    tracing::Span::current().record(
+        "export",
+        tracing::field::display(Untrusted::text(&state.export)),
+    );
     let negotiated = match state.negotiated(&exports) {
         Ok(negotiated) => negotiated,
         Err(err) => {
