@@ -15,6 +15,7 @@
 //! * [`server`] — listeners, accept loop, connection cap and graceful shutdown.
 //! * [`shutdown`] — the phases of a graceful stop, shared by listeners and sessions.
 //! * [`systemd`] — socket activation (`LISTEN_FDS`) and readiness notification (`sd_notify`).
+//! * [`logsafe`] — client-supplied text shown safely in log lines ([`logsafe::Untrusted`]).
 //! * [`metrics`] — request and connection counters, served in the Prometheus text format.
 //! * [`handover`] — handed-over connections passed to another process over a Unix socket.
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod export;
 pub mod handover;
 pub mod image;
+pub mod logsafe;
 pub mod metrics;
 pub mod proto;
 pub mod ramdisk;

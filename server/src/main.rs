@@ -261,7 +261,7 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     };
     for export in exports.iter() {
         tracing::info!(
-            name = %export.name,
+            name = %ramnbd::logsafe::Untrusted::text(&export.name),
             size = export.size(),
             read_only = export.read_only,
             "export ready"

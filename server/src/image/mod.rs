@@ -22,6 +22,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, format_size};
 use crate::export::{Export, Exports};
+use crate::logsafe::Untrusted;
 use crate::shutdown::{Phase, Shutdown};
 use file::{Cancel, ImageError, Loaded};
 use progress::{Progress, format_mib};
@@ -192,7 +193,7 @@ fn load(image: &Image) -> Result<(), ImageError> {
         // After a restart the disk comes back from the fd store with every write up to the
         // last moment; the image is older and would undo them.
         tracing::info!(
-            export = %name,
+            export = %Untrusted::text(name),
             image = %path.display(),
             "disk adopted from the fd store: the image is not loaded (the disk is newer)"
         );
@@ -206,12 +207,12 @@ fn load(image: &Image) -> Result<(), ImageError> {
     progress.finish();
     match loaded? {
         Loaded::Missing => tracing::info!(
-            export = %name,
+            export = %Untrusted::text(name),
             image = %path.display(),
             "no image yet: the export starts empty and is saved there"
         ),
         Loaded::Data(bytes) => tracing::info!(
-            export = %name,
+            export = %Untrusted::text(name),
             image = %path.display(),
             "loaded image: {} of data in {:.2} s",
             format_mib(bytes),
@@ -219,7 +220,7 @@ fn load(image: &Image) -> Result<(), ImageError> {
         ),
     }
     if image.export.read_only {
-        tracing::info!(export = %name, "read-only export: its image is loaded but never saved");
+        tracing::info!(export = %Untrusted::text(name), "read-only export: its image is loaded but never saved");
     }
     Ok(())
 }
@@ -233,11 +234,11 @@ async fn save(image: &Arc<Image>, cancel: &Arc<Cancel>, reason: Reason) -> Resul
         return Ok(());
     }
     if reason == Reason::Interval && !export.disk.changed_since_saved() {
-        tracing::debug!(export = %export.name, "unchanged since the last save, not saved");
+        tracing::debug!(export = %Untrusted::text(&export.name), "unchanged since the last save, not saved");
         return Ok(());
     }
     tracing::info!(
-        export = %export.name,
+        export = %Untrusted::text(&export.name),
         reason = reason.as_str(),
         "saving image {}",
         image.path.display()
@@ -262,16 +263,16 @@ async fn save(image: &Arc<Image>, cancel: &Arc<Cancel>, reason: Reason) -> Resul
     let saved = match result {
         Ok(Ok(saved)) => saved,
         Ok(Err(err)) => {
-            tracing::error!(export = %export.name, reason = reason.as_str(), "{err}");
+            tracing::error!(export = %Untrusted::text(&export.name), reason = reason.as_str(), "{err}");
             return Err(());
         }
         Err(err) => {
-            tracing::error!(export = %export.name, image = %image.path.display(), "save failed: {err}");
+            tracing::error!(export = %Untrusted::text(&export.name), image = %image.path.display(), "save failed: {err}");
             return Err(());
         }
     };
     tracing::info!(
-        export = %export.name,
+        export = %Untrusted::text(&export.name),
         reason = reason.as_str(),
         passes = saved.passes,
         copied = %format_mib(saved.copied_bytes),

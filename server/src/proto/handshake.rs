@@ -93,6 +93,17 @@ pub fn parse_meta_context_request(data: &[u8]) -> Result<MetaContextRequest, Mal
     Ok(MetaContextRequest { export, queries })
 }
 
+/// The export name an INFO, GO or META_CONTEXT request starts with, as the raw bytes present,
+/// whether or not the request parses: for logging what a refused client asked for. A length
+/// beyond the data gives the bytes there are; too little data for the length, none.
+pub fn requested_name(data: &[u8]) -> &[u8] {
+    let Some((len, rest)) = data.split_first_chunk::<4>() else {
+        return &[];
+    };
+    let len = u32::from_be_bytes(*len) as usize;
+    &rest[..len.min(rest.len())]
+}
+
 /// Does this meta-context query select `base:allocation`? For LIST, an empty query list and the
 /// bare namespace `base:` are wildcards; SET ignores `base:` alone (spec: "MUST be ignored by
 /// SET"). Unknown namespaces and leaves are ignored, never errors.
@@ -212,6 +223,18 @@ mod tests {
         data.extend_from_slice(&0u16.to_be_bytes());
         assert!(parse_info_request(&data).is_err());
         assert!(parse_info_request(&[]).is_err());
+    }
+
+    #[test]
+    fn the_requested_name_is_read_raw_even_from_a_malformed_request() {
+        let mut data = 4u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"\xff\0ab");
+        assert_eq!(requested_name(&data), b"\xff\0ab");
+        // The count is missing: the request is malformed, the name is still there.
+        assert!(parse_info_request(&data).is_err());
+        // Length beyond the data: what there is.
+        assert_eq!(requested_name(&data[..6]), b"\xff\0");
+        assert_eq!(requested_name(&[0, 0]), b"");
     }
 
     #[test]

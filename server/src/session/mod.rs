@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::export::Exports;
+use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::shutdown::{PhaseWatch, Shutdown};
 
@@ -93,7 +94,10 @@ where
             return None;
         }
     };
-    tracing::Span::current().record("export", negotiated.export.name.as_str());
+    tracing::Span::current().record(
+        "export",
+        tracing::field::display(Untrusted::text(&negotiated.export.name)),
+    );
     tracing::info!(
         mode = ?negotiated.reply_mode(),
         size = negotiated.export.size(),
@@ -118,7 +122,10 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    tracing::Span::current().record("export", state.export.as_str());
+    tracing::Span::current().record(
+        "export",
+        tracing::field::display(Untrusted::text(&state.export)),
+    );
     let negotiated = match state.negotiated(&exports) {
         Ok(negotiated) => negotiated,
         Err(err) => {

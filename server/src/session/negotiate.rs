@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::export::{Export, Exports};
+use crate::logsafe::Untrusted;
 use crate::proto::Capabilities;
 use crate::proto::consts::*;
 use crate::proto::handshake::{self, option_reply};
@@ -251,7 +252,7 @@ fn handle_option(
                 .and_then(|name| exports.get(name))
             else {
                 // No error path exists for EXPORT_NAME: the spec says to close.
-                tracing::info!(name = %String::from_utf8_lossy(data), "unknown export, closing");
+                tracing::info!(name = %Untrusted::bytes(data), "unknown export, closing");
                 return Step::Close;
             };
             let flags = state.capabilities(export).transmission_flags();
@@ -279,11 +280,18 @@ fn handle_option(
         }
         OPT_STARTTLS => error(out, REP_ERR_POLICY, "TLS is not available on this server"),
         OPT_INFO | OPT_GO => {
+            let op = if option == OPT_GO { "GO" } else { "INFO" };
             let request = match handshake::parse_info_request(data) {
                 Ok(request) => request,
-                Err(err) => return error(out, REP_ERR_INVALID, err.0),
+                Err(err) => {
+                    let name = Untrusted::bytes(handshake::requested_name(data));
+                    tracing::info!(op, %name, reason = err.0, "malformed request, refused");
+                    return error(out, REP_ERR_INVALID, err.0);
+                }
             };
             let Some(export) = exports.get(&request.export) else {
+                let name = Untrusted::text(&request.export);
+                tracing::info!(op, %name, "unknown export, refused");
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
             };
             let flags = state.capabilities(export).transmission_flags();
@@ -343,11 +351,23 @@ fn handle_option(
                     return error(out, REP_ERR_INVALID, "negotiate structured replies first");
                 }
             }
+            // Debug only: clients send SET_META_CONTEXT just before GO, which logs the name.
+            let op = if setting {
+                "SET_META_CONTEXT"
+            } else {
+                "LIST_META_CONTEXT"
+            };
             let request = match handshake::parse_meta_context_request(data) {
                 Ok(request) => request,
-                Err(err) => return error(out, REP_ERR_INVALID, err.0),
+                Err(err) => {
+                    let name = Untrusted::bytes(handshake::requested_name(data));
+                    tracing::debug!(op, %name, reason = err.0, "malformed request, refused");
+                    return error(out, REP_ERR_INVALID, err.0);
+                }
             };
             if exports.get(&request.export).is_none() {
+                let name = Untrusted::text(&request.export);
+                tracing::debug!(op, %name, "unknown export, refused");
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
             }
             if handshake::selects_base_allocation(&request.queries, !setting) {
