@@ -104,6 +104,7 @@ fn libnbd_requests_in_flight_survive_a_hand_over(clients: Clients) {
         tcp_keepalive: None,
         shutdown_grace: Duration::from_secs(30),
         metrics: Some(metrics),
+        tls: Default::default(),
     };
     let old_metrics = Metrics::new(Arc::clone(&exports));
     let listeners = runtime

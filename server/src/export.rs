@@ -35,6 +35,8 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub read_only: bool,
+    /// Only clients that have started TLS may see or use it (`tls=require`).
+    pub tls_required: bool,
     pub disk: RamDisk,
     /// The disk was adopted from the service manager's fd store: it holds what an earlier
     /// process of this server wrote, newer than any image.
@@ -122,6 +124,7 @@ impl Export {
             name: config.name.clone(),
             description: config.description.clone(),
             read_only: config.read_only,
+            tls_required: config.tls_required,
             disk,
             adopted,
         })

@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::session::{self, HandedOver, MAX_PENDING, Suspended};
 use crate::shutdown::{self, CLOSE_FLUSH, Phase, Shutdown};
 use crate::systemd::{self, CONN_PREFIX, Inherited, InheritedSocket, STATE_NAME, StoredConnection};
+use crate::tls::Tls;
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -163,6 +164,8 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Where requests and connections are counted; `None` when metrics are off.
     pub metrics: Option<Arc<Metrics>>,
+    /// STARTTLS: the mode and credentials ([`Tls::off`]: none).
+    pub tls: Tls,
 }
 
 /// File descriptors a server needs beyond one per connection: listeners, the metrics
@@ -261,6 +264,7 @@ pub async fn serve_adopting(
             metrics: options.metrics.clone(),
             handed_over: Arc::clone(&handed_over),
             handshake_timeout: options.handshake_timeout,
+            tls: options.tls.clone(),
         };
         let span = tracing::info_span!("conn", peer = "adopted", export = tracing::field::Empty);
         tracker.spawn(
@@ -285,6 +289,7 @@ pub async fn serve_adopting(
                 metrics: options.metrics.clone(),
                 handed_over: Arc::clone(&handed_over),
                 handshake_timeout: options.handshake_timeout,
+                tls: options.tls.clone(),
             },
         );
         accepting.spawn(accept);
@@ -349,6 +354,7 @@ struct Session {
     metrics: Option<Arc<Metrics>>,
     handed_over: HandedOverList,
     handshake_timeout: Option<Duration>,
+    tls: Tls,
 }
 
 /// How a session task begins.
@@ -372,25 +378,11 @@ impl Session {
                 }
             },
         };
-        let Session {
-            exports,
-            shutdown,
-            metrics,
-            handed_over,
-            handshake_timeout,
-        } = self;
+        let handed_over = Arc::clone(&self.handed_over);
         let suspended = match stream {
             Stream::Tcp(stream) => {
                 let (reader, writer) = stream.into_split();
-                let ended = serve_or_resume(
-                    reader,
-                    writer,
-                    state,
-                    handshake_timeout,
-                    exports,
-                    shutdown,
-                    metrics,
-                );
+                let ended = serve_or_resume(reader, writer, state, self);
                 ended.await.map(
                     |HandedOver {
                          reader,
@@ -404,15 +396,7 @@ impl Session {
             }
             Stream::Unix(stream) => {
                 let (reader, writer) = stream.into_split();
-                let ended = serve_or_resume(
-                    reader,
-                    writer,
-                    state,
-                    handshake_timeout,
-                    exports,
-                    shutdown,
-                    metrics,
-                );
+                let ended = serve_or_resume(reader, writer, state, self);
                 ended.await.map(
                     |HandedOver {
                          reader,
@@ -444,21 +428,27 @@ async fn serve_or_resume<R, W>(
     reader: R,
     writer: W,
     state: Option<Suspended>,
-    handshake_timeout: Option<Duration>,
-    exports: Arc<Exports>,
-    shutdown: Shutdown,
-    metrics: Option<Arc<Metrics>>,
+    session: Session,
 ) -> Option<HandedOver<R, W>>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Session {
+        exports,
+        shutdown,
+        metrics,
+        handshake_timeout,
+        tls,
+        ..
+    } = session;
     match state {
         None => {
             session::serve_within(
                 reader,
                 writer,
                 handshake_timeout,
+                &tls,
                 exports,
                 shutdown,
                 metrics,

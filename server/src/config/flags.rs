@@ -5,6 +5,7 @@
 use super::value::{check_host_port, check_log_level, parse_backing, parse_duration, parse_size};
 use super::{Config, ConfigError, ExportConfig, ListenAddr, Origin};
 use crate::cli::Cli;
+use crate::tls::TlsMode;
 
 impl Config {
     /// Applies command-line flags over `self`, then validates the result. Export flags
@@ -97,6 +98,19 @@ impl Config {
                 .map_err(|reason| flag_error("--save-interval", text, reason))?;
             self.save_interval = Some(interval);
         }
+        if let Some(text) = &cli.tls {
+            let mode = TlsMode::parse(text).map_err(|reason| flag_error("--tls", text, reason))?;
+            self.set_tls_mode(mode, Origin::Flag("--tls"));
+        }
+        if let Some(dir) = cli.tls_certificates {
+            self.set_tls_certificates(dir, Origin::Flag("--tls-certificates"));
+        }
+        if cli.tls_verify_peer {
+            self.set_tls_verify_peer(true, Origin::Flag("--tls-verify-peer"));
+        }
+        if let Some(file) = cli.tls_psk {
+            self.set_tls_psk(file, Origin::Flag("--tls-psk"));
+        }
         if let Some(addr) = cli.metrics {
             check_host_port(&addr).map_err(|reason| flag_error("--metrics", &addr, reason))?;
             self.set_metrics(addr, Origin::Flag("--metrics"));
@@ -123,7 +137,7 @@ fn flag_error(flag: &'static str, value: &str, reason: String) -> ConfigError {
 }
 
 /// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
-/// [,description=TEXT]`.
+/// [,tls=require][,description=TEXT]`.
 pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::ExportSpec {
         spec: spec.to_owned(),
@@ -147,6 +161,7 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let mut max_memory = None;
     let mut image = None;
     let mut save_interval = None;
+    let mut tls_required = false;
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => read_only = true,
@@ -162,6 +177,12 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
                     .map_err(|reason| bad(&format!("save-interval {value:?}: {reason}")))?;
                 save_interval = Some(interval);
             }
+            Some(("tls", "require")) => tls_required = true,
+            Some(("tls", value)) => {
+                return Err(bad(&format!(
+                    "tls={value:?}: the only per-export TLS setting is tls=require"
+                )));
+            }
             _ => return Err(bad(&format!("unknown option {option:?}"))),
         }
     }
@@ -173,5 +194,6 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
         max_memory,
         image,
         save_interval,
+        tls_required,
     })
 }
