@@ -870,3 +870,35 @@ fn sighup_reloads_certificates_without_dropping_connections() {
     let log = server.stderr_text();
     assert!(!log.contains("connection dropped"), "{log}");
 }
+
+#[test]
+fn the_handshake_deadline_covers_the_tls_handshake() {
+    let pki = Pki::new();
+    let server = Server::start(&[
+        "-e",
+        "disk=16M",
+        "--tls",
+        "require",
+        "--tls-certificates",
+        &pki.shown("server"),
+        "--handshake-timeout",
+        "2s",
+    ]);
+    // STARTTLS acknowledged, then no ClientHello: the deadline closes the connection.
+    let mut raw = raw_start(&server);
+    let ack = raw.option_single(OPT_STARTTLS, &[]);
+    assert_eq!(ack.rep, REP_ACK, "{ack:?}");
+    let started = std::time::Instant::now();
+    raw.expect_closed(Duration::from_secs(30))
+        .expect("closed without a byte");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "closed before the deadline: {waited:?}"
+    );
+    // A client that does its TLS handshake in time is served meanwhile and after.
+    Clients::Debian12.run_ok(
+        "nbdinfo",
+        &[&nbds_tcp(&server, "disk", &pki.path("client"))],
+    );
+}
