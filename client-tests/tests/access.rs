@@ -165,7 +165,8 @@ fn export_networks_show_and_refuse_per_host(clients: Clients) {
             host.client_ip()
         );
         assert_policy_refusal(clients, &refused);
-        let needle = format!("name=\"{other}\" peer={}", host.client_ip());
+        // The GO line is the last a refused nbdinfo provokes: wait for it itself.
+        let needle = format!("op=\"GO\" name=\"{other}\" peer={}", host.client_ip());
         server.wait_for_stderr(&needle, TIMEOUT);
         let log = server.stderr_text();
         let go = ["refused by the export's access rules", "op=\"GO\"", &needle];
@@ -308,7 +309,7 @@ fn unix_peers_are_judged_by_uid_and_gid(clients: Clients) {
         assert!(!output.status.success(), "{name} served to {uid}:{gid}");
         assert_policy_refusal(clients, &output);
     }
-    server.wait_for_stderr("admits only TCP peers", TIMEOUT);
+    server.wait_for_stderr("op=\"GO\" name=\"network-only\"", TIMEOUT);
     let log = server.stderr_text();
     let nobody = lines_with(
         &log,
