@@ -296,6 +296,13 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
             "export ready"
         );
     }
+    if !config.allow.is_empty() {
+        let networks: Vec<String> = config.allow.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "tcp clients allowed from {} only (others are closed before the greeting)",
+            networks.join(" ")
+        );
+    }
     // Metrics first: scripts take the "listening on" lines to mean that everything is up.
     let metrics_done = CancellationToken::new();
     if let (Some(listener), Some(metrics)) = (metrics_listener, &metrics) {

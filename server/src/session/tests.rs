@@ -1033,3 +1033,39 @@ async fn the_server_collects_suspended_connections_and_a_second_one_adopts_them(
     new.advance(Phase::Stopping);
     assert!(second.await.unwrap().is_empty(), "nothing handed over");
 }
+
+#[tokio::test]
+async fn a_session_is_not_resumed_for_a_peer_the_new_rules_refuse() {
+    let exports_before = exports(MIB);
+    let old = Shutdown::new();
+    let (mut client, session) = start_suspendable(&exports_before, &old);
+    client.go(false).await;
+    old.hand_over();
+    let (_, handed_over) = session.await.unwrap().unwrap();
+    let HandedOver {
+        reader,
+        writer,
+        state,
+    } = handed_over.expect("suspended");
+    // The same export, now only for one network.
+    let mut config = ExportConfig {
+        name: "disk".to_owned(),
+        size: MIB,
+        ..Default::default()
+    };
+    config.access.networks = vec![crate::access::parse_network("10.0.0.0/8").unwrap()];
+    let restricted = Arc::new(Exports::new(&[config]).unwrap());
+    assert!(state.negotiated(&restricted).is_ok(), "otherwise resumable");
+    let outsider = crate::access::Peer::tcp("192.0.2.1".parse().unwrap());
+    let resumed = super::resume(
+        reader,
+        writer,
+        outsider,
+        state,
+        restricted,
+        Shutdown::new(),
+        None,
+    );
+    assert!(resumed.await.is_none());
+    assert!(client.closed().await);
+}
