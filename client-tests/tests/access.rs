@@ -126,6 +126,59 @@ fn the_allow_list_serves_one_host_and_closes_the_other_before_the_greeting(clien
 
 both_generations!(the_allow_list_serves_one_host_and_closes_the_other_before_the_greeting);
 
+/// A dual-stack listener (`[::]`) sees IPv4 clients as IPv4-mapped IPv6 addresses
+/// (`::ffff:10.200.22.2`); the IPv4 rules still apply to them, and the log shows the IPv4
+/// address.
+#[test]
+fn ipv4_clients_of_a_dual_stack_listener_match_ipv4_rules() {
+    let allowed = ClientHost::new("d22", 22);
+    let refused = ClientHost::new("d23", 23);
+    let export = format!("mine=4M,allow={}", allowed.subnet());
+    let server = Server::start(&[
+        "-l",
+        "[::]:0",
+        "--allow",
+        &allowed.subnet(),
+        "--allow",
+        &refused.subnet(),
+        "-e",
+        &export,
+        "-e",
+        "other=8M,allow=10.200.99.0/24",
+    ]);
+    assert!(server.tcp_addr().is_ipv6(), "{}", server.tcp_addr());
+    let port = server.tcp_addr().port();
+    let list = nbdinfo_in(
+        &allowed,
+        Clients::Debian12,
+        &[
+            "--list",
+            "--json",
+            &format!("nbd://{}:{port}", allowed.host_ip()),
+        ],
+    );
+    assert!(list.status.success(), "{}", stderr(&list));
+    let json: serde_json::Value = serde_json::from_slice(&list.stdout).expect("JSON");
+    let names: Vec<&str> = json["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .map(|e| e["export-name"].as_str().expect("a name"))
+        .collect();
+    assert_eq!(names, ["mine"]);
+    let uri = format!("nbd://{}:{port}/mine", refused.host_ip());
+    let output = nbdinfo_in(&refused, Clients::Debian12, &["--size", &uri]);
+    assert!(!output.status.success());
+    assert_policy_refusal(Clients::Debian12, &output);
+    let needle = format!("op=\"GO\" name=\"mine\" peer={} ", refused.client_ip());
+    server.wait_for_stderr(&needle, TIMEOUT);
+    assert!(
+        !server.stderr_text().contains("::ffff:"),
+        "{}",
+        server.stderr_text()
+    );
+}
+
 /// Per-export network rules: each host's LIST shows only the exports it may use; the other
 /// export is refused with ERR_POLICY.
 fn export_networks_show_and_refuse_per_host(clients: Clients) {

@@ -680,7 +680,9 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String, Peer)> {
         Listener::Tcp(l) => {
             let (stream, addr) = l.accept().await?;
             stream.set_nodelay(true)?;
-            Ok((Stream::Tcp(stream), addr.to_string(), Peer::tcp(addr.ip())))
+            // IPv4 clients of a dual-stack listener as IPv4, as the rules see them.
+            let shown = std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port());
+            Ok((Stream::Tcp(stream), shown.to_string(), Peer::tcp(addr.ip())))
         }
         Listener::Unix(l, SocketFile(path)) | Listener::UnixInherited(l, path) => {
             let (stream, _) = l.accept().await?;
