@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
+use crate::access::ExportAccess;
 use crate::config::{BackingChoice, ExportConfig, MemoryConfig, format_size};
 use crate::ramdisk::{BackingKind, MemoryBudget, MemoryOptions, RamDisk};
 use crate::systemd::{self, Stored};
@@ -35,6 +36,8 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub read_only: bool,
+    /// Who may see and use it.
+    pub access: ExportAccess,
     pub disk: RamDisk,
     /// The disk was adopted from the service manager's fd store: it holds what an earlier
     /// process of this server wrote, newer than any image.
@@ -122,6 +125,7 @@ impl Export {
             name: config.name.clone(),
             description: config.description.clone(),
             read_only: config.read_only,
+            access: config.access.clone(),
             disk,
             adopted,
         })

@@ -4,6 +4,7 @@
 
 use super::value::{check_host_port, check_log_level, parse_backing, parse_duration, parse_size};
 use super::{Config, ConfigError, ExportConfig, ListenAddr, Origin};
+use crate::access::{self, ExportAccess};
 use crate::cli::Cli;
 
 impl Config {
@@ -97,6 +98,21 @@ impl Config {
                 .map_err(|reason| flag_error("--save-interval", text, reason))?;
             self.save_interval = Some(interval);
         }
+        if !cli.allow.is_empty() {
+            self.allow = cli
+                .allow
+                .iter()
+                .map(|text| {
+                    access::parse_network(text).map_err(|reason| {
+                        flag_error(
+                            "--allow",
+                            text,
+                            format!("{reason}; {}", access::NETWORK_FIX),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
         if let Some(addr) = cli.metrics {
             check_host_port(&addr).map_err(|reason| flag_error("--metrics", &addr, reason))?;
             self.set_metrics(addr, Origin::Flag("--metrics"));
@@ -123,7 +139,8 @@ fn flag_error(flag: &'static str, value: &str, reason: String) -> ConfigError {
 }
 
 /// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
-/// [,description=TEXT]`.
+/// [,allow=CIDR]...[,allow-uid=UID]...[,allow-gid=GID]...[,allow-identity=NAME]...
+/// [,description=TEXT]`. The access options repeat; see [`crate::access`].
 pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::ExportSpec {
         spec: spec.to_owned(),
@@ -147,6 +164,7 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let mut max_memory = None;
     let mut image = None;
     let mut save_interval = None;
+    let mut access = ExportAccess::default();
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => read_only = true,
@@ -162,6 +180,23 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
                     .map_err(|reason| bad(&format!("save-interval {value:?}: {reason}")))?;
                 save_interval = Some(interval);
             }
+            Some(("allow", value)) => access.networks.push(
+                access::parse_network(value)
+                    .map_err(|reason| bad(&format!("allow={value}: {reason}")))?,
+            ),
+            Some(("allow-uid", value)) => access.uids.push(
+                access::parse_id(value)
+                    .map_err(|reason| bad(&format!("allow-uid={value}: {reason}")))?,
+            ),
+            Some(("allow-gid", value)) => access.gids.push(
+                access::parse_id(value)
+                    .map_err(|reason| bad(&format!("allow-gid={value}: {reason}")))?,
+            ),
+            Some(("allow-identity", value)) => {
+                access::check_identity(value)
+                    .map_err(|reason| bad(&format!("allow-identity: {reason}")))?;
+                access.identities.push(value.to_owned());
+            }
             _ => return Err(bad(&format!("unknown option {option:?}"))),
         }
     }
@@ -173,5 +208,6 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
         max_memory,
         image,
         save_interval,
+        access,
     })
 }

@@ -23,13 +23,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::access::Peer;
 use crate::export::Exports;
 use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::shutdown::{PhaseWatch, Shutdown};
 
-pub use negotiate::Negotiated;
+pub use negotiate::{Negotiated, PROVOKED_LINES};
 pub use suspend::{MAX_PENDING, ResumeError, STATE_VERSION, StateError, Suspended};
+pub use transmit::CONNECTION_BUFFER_BYTES;
 
 /// A connection suspended by a hand-over: its stream, open, and the state to resume it with.
 /// For sockets, reunite the halves (`OwnedReadHalf::reunite`) to get the socket back.
@@ -54,15 +56,26 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    serve_within(reader, writer, None, exports, shutdown, metrics).await
+    serve_within(
+        reader,
+        writer,
+        Peer::unknown(),
+        None,
+        exports,
+        shutdown,
+        metrics,
+    )
+    .await
 }
 
-/// Like [`serve`], closing the connection if it has not reached the transmission phase
-/// within `handshake_deadline` (`None`: no deadline): a client that connects and sends
-/// nothing, or too little, must not hold its slot and file descriptor for ever.
+/// Like [`serve`], for a client that is `peer` (whom the exports' access rules judge),
+/// closing the connection if it has not reached the transmission phase within
+/// `handshake_deadline` (`None`: no deadline): a client that connects and sends nothing, or
+/// too little, must not hold its slot and file descriptor for ever.
 pub async fn serve_within<R, W>(
     mut reader: R,
     mut writer: W,
+    mut peer: Peer,
     handshake_deadline: Option<Duration>,
     exports: Arc<Exports>,
     shutdown: Shutdown,
@@ -74,7 +87,7 @@ where
 {
     // One view of the shutdown phases for the whole connection, handshake and transmission.
     let mut watch = shutdown.watch();
-    let handshake = negotiate::negotiate(&mut reader, &mut writer, &exports, &mut watch);
+    let handshake = negotiate::negotiate(&mut reader, &mut writer, &exports, &mut peer, &mut watch);
     let handshake = match handshake_deadline {
         None => handshake.await,
         Some(deadline) => match tokio::time::timeout(deadline, handshake).await {
@@ -109,10 +122,12 @@ where
 /// Carries on a session suspended by a hand-over, on the same stream (its socket, passed on
 /// from the process that suspended it): its pending input first, then what the stream brings.
 /// A state this server cannot honour (the export is gone, resized or now read-only: see
-/// [`Suspended::negotiated`]) is logged and the stream closed. Ends as [`serve`] does.
+/// [`Suspended::negotiated`]), or an export whose access rules now refuse `peer`, is logged
+/// and the stream closed. Ends as [`serve`] does.
 pub async fn resume<R, W>(
     reader: R,
     mut writer: W,
+    peer: Peer,
     state: Suspended,
     exports: Arc<Exports>,
     shutdown: Shutdown,
@@ -134,6 +149,16 @@ where
             return None;
         }
     };
+    // The rules may have changed with the new process's configuration.
+    if let Err(refusal) = negotiated.export.access.check(&peer) {
+        tracing::warn!(
+            %peer,
+            reason = %refusal,
+            "the export's access rules refuse a handed-over connection: closing it"
+        );
+        let _ = writer.shutdown().await;
+        return None;
+    }
     tracing::info!(
         mode = ?negotiated.reply_mode(),
         pending = state.pending.len(),

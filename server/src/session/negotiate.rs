@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::access::Peer;
 use crate::export::{Export, Exports};
 use crate::logsafe::Untrusted;
 use crate::proto::Capabilities;
@@ -41,6 +42,43 @@ impl Negotiated {
     }
 }
 
+/// Log lines about one client's options logged in full; the rest are counted and summed up in
+/// one line when the handshake ends. A client looping over options that each provoke a line
+/// (unknown or refused exports, malformed requests) must not flood the log.
+pub const PROVOKED_LINES: u32 = 16;
+
+/// The per-connection budget of log lines the client's options provoke.
+#[derive(Debug, Default)]
+struct ClientLog {
+    logged: u32,
+    suppressed: u64,
+}
+
+impl ClientLog {
+    /// Whether the next provoked line may be logged; counts it if not.
+    fn admit(&mut self) -> bool {
+        if self.logged < PROVOKED_LINES {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// The summary line, if lines were suppressed.
+    fn finish(&self) {
+        if self.suppressed > 0 {
+            tracing::info!(
+                suppressed = self.suppressed,
+                "{} more lines about this client's options suppressed (at most {PROVOKED_LINES} \
+                 per connection are logged)",
+                self.suppressed
+            );
+        }
+    }
+}
+
 /// Option-phase state that later options change.
 #[derive(Debug, Default)]
 struct State {
@@ -66,11 +104,34 @@ impl State {
 /// Once the server is stopping, every option gets `NBD_REP_ERR_SHUTDOWN` ("the server is
 /// unwilling to continue negotiation as it is in the process of being shut down"), ABORT its
 /// ACK, and the connection closes when the client goes quiet, or when closing begins.
+///
+/// `peer` is who the exports' access rules judge: an export it may not use is left out of
+/// LIST and refused with `NBD_REP_ERR_POLICY` (EXPORT_NAME: closed) before anything about it
+/// is revealed or opened.
 pub async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     exports: &Exports,
+    peer: &mut Peer,
     watch: &mut PhaseWatch,
+) -> io::Result<Option<Negotiated>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut log = ClientLog::default();
+    let negotiated = options(reader, writer, exports, peer, watch, &mut log).await;
+    log.finish();
+    negotiated
+}
+
+async fn options<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &Exports,
+    peer: &mut Peer,
+    watch: &mut PhaseWatch,
+    log: &mut ClientLog,
 ) -> io::Result<Option<Negotiated>>
 where
     R: AsyncRead + Unpin,
@@ -151,7 +212,7 @@ where
         let step = if watch.refresh() >= Phase::Stopping {
             refuse_option(option, &mut out)
         } else {
-            handle_option(option, &data, &mut state, exports, &mut out)
+            handle_option(option, &data, &mut state, exports, peer, log, &mut out)
         };
         writer.write_all(&out).await?;
         match step {
@@ -229,14 +290,29 @@ fn refuse_option(option: u32, out: &mut Vec<u8>) -> Step {
     }
 }
 
+/// Whether `peer` is refused `export` (for `op`), logged within the client's budget.
+fn refused(op: &str, export: &Export, peer: &Peer, log: &mut ClientLog) -> bool {
+    let Err(refusal) = export.access.check(peer) else {
+        return false;
+    };
+    if log.admit() {
+        let name = Untrusted::text(&export.name);
+        tracing::info!(op, %name, %peer, reason = %refusal, "refused by the export's access rules");
+    }
+    true
+}
+
 /// Handles one option, appending the replies to `out`.
 fn handle_option(
     option: u32,
     data: &[u8],
     state: &mut State,
     exports: &Exports,
+    peer: &Peer,
+    log: &mut ClientLog,
     out: &mut Vec<u8>,
 ) -> Step {
+    let refused = |op: &str, export: &Export, log: &mut ClientLog| refused(op, export, peer, log);
     let error = |out: &mut Vec<u8>, kind: u32, message: &str| {
         option_reply(out, option, kind, message.as_bytes());
         Step::Continue
@@ -255,6 +331,10 @@ fn handle_option(
                 tracing::info!(name = %Untrusted::bytes(data), "unknown export, closing");
                 return Step::Close;
             };
+            // EXPORT_NAME has no error reply either.
+            if refused("EXPORT_NAME", export, log) {
+                return Step::Close;
+            }
             let flags = state.capabilities(export).transmission_flags();
             out.extend(handshake::export_name_reply(
                 export.size(),
@@ -271,7 +351,8 @@ fn handle_option(
             if !data.is_empty() {
                 return error(out, REP_ERR_INVALID, "LIST takes no data");
             }
-            for export in exports.iter() {
+            // Only what this peer may use: the others are not revealed.
+            for export in exports.iter().filter(|e| e.access.check(peer).is_ok()) {
                 let entry = handshake::server_entry(&export.name, &export.description);
                 option_reply(out, option, REP_SERVER, &entry);
             }
@@ -284,16 +365,23 @@ fn handle_option(
             let request = match handshake::parse_info_request(data) {
                 Ok(request) => request,
                 Err(err) => {
-                    let name = Untrusted::bytes(handshake::requested_name(data));
-                    tracing::info!(op, %name, reason = err.0, "malformed request, refused");
+                    if log.admit() {
+                        let name = Untrusted::bytes(handshake::requested_name(data));
+                        tracing::info!(op, %name, reason = err.0, "malformed request, refused");
+                    }
                     return error(out, REP_ERR_INVALID, err.0);
                 }
             };
             let Some(export) = exports.get(&request.export) else {
-                let name = Untrusted::text(&request.export);
-                tracing::info!(op, %name, "unknown export, refused");
+                if log.admit() {
+                    let name = Untrusted::text(&request.export);
+                    tracing::info!(op, %name, "unknown export, refused");
+                }
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
             };
+            if refused(op, export, log) {
+                return error(out, REP_ERR_POLICY, "access to this export is not allowed");
+            }
             let flags = state.capabilities(export).transmission_flags();
             option_reply(
                 out,
@@ -365,10 +453,13 @@ fn handle_option(
                     return error(out, REP_ERR_INVALID, err.0);
                 }
             };
-            if exports.get(&request.export).is_none() {
+            let Some(export) = exports.get(&request.export) else {
                 let name = Untrusted::text(&request.export);
                 tracing::debug!(op, %name, "unknown export, refused");
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
+            };
+            if refused(op, export, log) {
+                return error(out, REP_ERR_POLICY, "access to this export is not allowed");
             }
             if handshake::selects_base_allocation(&request.queries, !setting) {
                 let id = if setting { BASE_ALLOCATION_ID } else { 0 };
