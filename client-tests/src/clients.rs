@@ -203,6 +203,7 @@ fn debian_package(program: &str) -> &'static str {
         "fio" => "fio",
         "nbdkit" => "nbdkit",
         PYTHON => "python3-libnbd",
+        "setpriv" => "util-linux",
         _ => panic!("client program {program} has no Debian package in client-tests' table"),
     }
 }

@@ -11,6 +11,7 @@
 //! * [`scrape`]: the server's `/metrics` endpoint, read back.
 //! * [`tools`]: external clients (`require_tool`, running a command and reporting its output),
 //!   random data.
+//! * [`netns`]: network namespaces as client hosts with addresses of their own.
 //! * [`clients`]: [`Clients`], the two generations of libnbd, qemu and fio (Debian 12's on the
 //!   host, Debian 13's in `client-tests/trixie`), and [`both_generations!`], which turns a test
 //!   body into one test per generation.
@@ -21,6 +22,7 @@
 
 pub mod client;
 pub mod clients;
+pub mod netns;
 pub mod proto;
 pub mod scrape;
 pub mod server;

@@ -102,6 +102,7 @@ fn libnbd_requests_in_flight_survive_a_hand_over(clients: Clients) {
         max_connections_per_client: 0,
         handshake_timeout: None,
         tcp_keepalive: None,
+        allow: Vec::new(),
         shutdown_grace: Duration::from_secs(30),
         metrics: Some(metrics),
         tls: Default::default(),

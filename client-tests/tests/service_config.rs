@@ -244,3 +244,40 @@ read-only = true
     let json: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(json["exports"][0]["is_read_only"], true, "{info}");
 }
+
+#[test]
+fn check_config_shows_the_access_rules_and_the_request_memory_bound() {
+    let out = ramnbd(&[
+        "--no-config",
+        "--check-config",
+        "--max-connections",
+        "8",
+        "--allow",
+        "10.0.0.0/8",
+        "--tcp-keepalive",
+        "2s",
+        "-e",
+        "a=1M,allow=10.1.0.0/16,allow-uid=0",
+        "-e",
+        "b=1M",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("tcp clients allowed from: 10.0.0.0/8\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("export access: \"a\": tcp from 10.1.0.0/16 or uid 0, \"b\": all\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2s idle, then 3 probes 2s apart (a vanished client is closed within 8s)"),
+        "{text}"
+    );
+    // 1 MiB + 4 KiB received, 512 KiB + 2 KiB sent: 1542 KiB a connection.
+    assert!(
+        text.contains("at most 1542 KiB per connection, 12336 KiB for all 8"),
+        "{text}"
+    );
+}

@@ -902,3 +902,40 @@ fn the_handshake_deadline_covers_the_tls_handshake() {
         &[&nbds_tcp(&server, "disk", &pki.path("client"))],
     );
 }
+
+#[test]
+fn allow_identity_matches_the_verified_certificate_cn() {
+    let pki = Pki::new();
+    let server = Server::start(&[
+        "-e",
+        "alices=16M,allow-identity=alice",
+        "-e",
+        "bobs=16M,allow-identity=bob",
+        "--tls",
+        "require",
+        "--tls-certificates",
+        &pki.shown("server"),
+        "--tls-verify-peer",
+    ]);
+    let client = pki.path("client");
+    // alice sees and uses her export only.
+    let list = Clients::Debian12.run_ok(
+        "nbdinfo",
+        &["--list", "--json", &nbds_tcp(&server, "", &client)],
+    );
+    assert!(list.contains("\"alices\""), "{list}");
+    assert!(
+        !list.contains("\"bobs\""),
+        "bob's export listed for alice: {list}"
+    );
+    Clients::Debian12.run_ok("nbdinfo", &[&nbds_unix(&server, "alices", &client)]);
+    let output = Clients::Debian12.run("nbdinfo", &[&nbds_tcp(&server, "bobs", &client)]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("nbdinfo as alice for bob's export: {}", stderr.trim());
+    assert!(!output.status.success(), "{stderr}");
+    let line = log_line(&server, "refused by the export's access rules");
+    assert!(
+        line.contains("identity \"alice\"") && line.contains("bobs"),
+        "{line}"
+    );
+}

@@ -23,6 +23,7 @@ use std::time::Duration;
 use ramnbd::config::ExportConfig;
 use ramnbd::export::Exports;
 use ramnbd::proto::consts::*;
+use ramnbd::session::HandshakeOptions;
 use ramnbd::shutdown::Shutdown;
 use ramnbd::tls::{Tls, TlsMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -85,13 +86,15 @@ async fn session(exports: Arc<Exports>, input: &[u8], mode: TlsMode) -> Vec<u8> 
     let (client, server) = tokio::io::duplex(64 * 1024);
     let (server_reader, server_writer) = tokio::io::split(server);
     let (mut client_reader, mut client_writer) = tokio::io::split(client);
-    let tls = Tls::without_credentials(mode);
     let server = async {
         ramnbd::session::serve_within(
             server_reader,
             server_writer,
-            None,
-            &tls,
+            ramnbd::access::Peer::unknown(),
+            &HandshakeOptions {
+                deadline: None,
+                tls: Tls::without_credentials(mode),
+            },
             exports,
             Shutdown::new(),
             None,

@@ -74,14 +74,23 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION")]
     pub tcp_keepalive: Option<String>,
 
+    /// Accept TCP clients only from this network (CIDR such as 10.0.0.0/8 or fd00::/8, or one
+    /// address). Repeatable; replaces the config file's list. Without it, any address may
+    /// connect. Others are closed before the greeting. Unix-socket clients are not affected.
+    #[arg(long, value_name = "CIDR")]
+    pub allow: Vec<String>,
+
     /// Size of the default export (binary units: 4G = 4 GiB).
     #[arg(short, long, value_name = "SIZE", conflicts_with = "exports")]
     pub size: Option<String>,
 
     /// Add an export: NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
-    /// [,tls=require][,description=TEXT]. Repeatable; when
-    /// given, there is no default export. An empty NAME (`=1G`) is the default export. The
-    /// description runs to the end of the argument, commas included.
+    /// [,tls=require][,allow=CIDR][,allow-uid=UID][,allow-gid=GID][,allow-identity=NAME][,description=TEXT].
+    /// Repeatable; when given, there is no default export. An empty NAME (`=1G`) is the default
+    /// export. The description runs to the end of the argument, commas included. The allow
+    /// options repeat and restrict who may see and use the export: allow= TCP networks,
+    /// allow-uid=/allow-gid= Unix-socket peers, allow-identity= verified TLS certificate
+    /// identities; an export with rules for only TCP or only Unix peers refuses the other kind.
     #[arg(short = 'e', long = "export", value_name = "SPEC")]
     pub exports: Vec<String>,
 

@@ -16,6 +16,9 @@ use std::time::Duration;
 pub use flags::parse_export;
 pub use value::{check_log_level, format_size, parse_backing, parse_duration, parse_size};
 
+use ipnet::IpNet;
+
+use crate::access::ExportAccess;
 use crate::cli::Cli;
 use crate::proto::consts::MAX_STRING;
 use crate::ramdisk::BackingKind;
@@ -36,7 +39,7 @@ pub enum ConfigError {
         reason: String,
     },
     #[error(
-        "bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION][,tls=require][,description=TEXT])"
+        "bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION][,tls=require][,allow=CIDR][,allow-uid=UID][,allow-gid=GID][,allow-identity=NAME][,description=TEXT])"
     )]
     ExportSpec { spec: String, reason: String },
     #[error("export name {0:?} is given twice; export names must be unique")]
@@ -106,6 +109,8 @@ pub struct ExportConfig {
     pub save_interval: Option<Duration>,
     /// Only clients that have started TLS may see or use it (`tls=require`).
     pub tls_required: bool,
+    /// Who may see and use the export (see [`crate::access`]).
+    pub access: ExportAccess,
 }
 
 /// Server-wide memory policy.
@@ -179,6 +184,8 @@ pub struct Config {
     pub save_interval: Option<Duration>,
     /// TLS (STARTTLS): mode and credentials.
     pub tls: TlsConfig,
+    /// The client networks that may connect over TCP at all; empty: any.
+    pub allow: Vec<IpNet>,
     /// The configuration file this came from, if any.
     pub source: Option<PathBuf>,
     /// Where the values that [`Config::validate`] checks came from.
@@ -290,6 +297,7 @@ impl Config {
                 image: None,
                 save_interval: None,
                 tls_required: false,
+                access: ExportAccess::default(),
             }],
             listen: vec![ListenAddr::Tcp(DEFAULT_LISTEN.to_owned())],
             memory: MemoryConfig::default(),
@@ -302,6 +310,7 @@ impl Config {
             metrics: None,
             save_interval: None,
             tls: TlsConfig::default(),
+            allow: Vec::new(),
             source: None,
             origins: Origins::default(),
         }
@@ -634,6 +643,7 @@ mod tests {
                 image: None,
                 save_interval: None,
                 tls_required: false,
+                access: ExportAccess::default(),
             }]
         );
         assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);
@@ -679,6 +689,38 @@ mod tests {
         assert!(c.exports.iter().all(|e| e.read_only));
         let err = config(&["-e", "a=1M", "-e", "a=2M"]).unwrap_err();
         assert!(matches!(err, ConfigError::DuplicateExport(name) if name == "a"));
+    }
+
+    #[test]
+    fn access_flags() {
+        let c = config(&[
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "::ffff:192.0.2.1",
+            "-e",
+            "a=1M,allow=10.1.0.0/16,allow=10.2.0.0/16,allow-uid=0,allow-gid=6,allow-identity=c1",
+        ])
+        .unwrap();
+        let shown: Vec<String> = c.allow.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.0.2.1/32"]);
+        let access = &c.exports[0].access;
+        assert_eq!(access.networks.len(), 2);
+        assert_eq!(
+            (access.uids.as_slice(), access.gids.as_slice()),
+            (&[0][..], &[6][..])
+        );
+        assert_eq!(access.identities, ["c1"]);
+        let err = config(&["--allow", "10.0.0.1/8"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--allow \"10.0.0.1/8\": has host bits set"),
+            "{err}"
+        );
+        let err = config(&["-e", "a=1M,allow-uid=root"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow-uid=root: not a numeric id"), "{err}");
+        assert!(config(&["-e", "a=1M,allow-identity="]).is_err());
     }
 
     #[test]

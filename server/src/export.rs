@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
+use crate::access::ExportAccess;
 use crate::config::{BackingChoice, ExportConfig, MemoryConfig, format_size};
 use crate::ramdisk::{BackingKind, MemoryBudget, MemoryOptions, RamDisk};
 use crate::systemd::{self, Stored};
@@ -37,6 +38,8 @@ pub struct Export {
     pub read_only: bool,
     /// Only clients that have started TLS may see or use it (`tls=require`).
     pub tls_required: bool,
+    /// Who may see and use it.
+    pub access: ExportAccess,
     pub disk: RamDisk,
     /// The disk was adopted from the service manager's fd store: it holds what an earlier
     /// process of this server wrote, newer than any image.
@@ -125,6 +128,7 @@ impl Export {
             description: config.description.clone(),
             read_only: config.read_only,
             tls_required: config.tls_required,
+            access: config.access.clone(),
             disk,
             adopted,
         })

@@ -1,6 +1,8 @@
 //! ramnbd: a RAM disk served over the NBD protocol.
 //!
 //! Module map:
+//! * [`access`] — who the peer is and the access rules: allowed networks, uids, gids, TLS
+//!   identities, for the whole server and per export.
 //! * [`cli`] — the command-line contract (clap).
 //! * [`config`] — validated configuration: the TOML file ([`config::file`]) with the command
 //!   line on top.
@@ -20,6 +22,7 @@
 //! * [`handover`] — handed-over connections passed to another process over a Unix socket.
 //! * [`tls`] — TLS (STARTTLS): the mode, X.509 credentials and their reload, the handshake.
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod export;

@@ -15,6 +15,7 @@ use ramnbd::export::Exports;
 use ramnbd::image::Images;
 use ramnbd::metrics::{self, Metrics};
 use ramnbd::server::{self, ServeOptions};
+use ramnbd::session::CONNECTION_BUFFER_BYTES;
 use ramnbd::shutdown::{Phase, Shutdown};
 use ramnbd::systemd::{self, Passed};
 use ramnbd::tls::{Credentials, Tls, TlsMode};
@@ -115,21 +116,48 @@ fn check_config(mut cli: Cli, file: Option<PathBuf>) -> ExitCode {
                     format!("{d:?}")
                 }
             };
+            let keepalive = match config.tcp_keepalive.as_secs().max(1) {
+                _ if config.tcp_keepalive.is_zero() => "off".to_owned(),
+                secs => format!(
+                    "{secs}s idle, then {probes} probes {secs}s apart (a vanished client is \
+                     closed within {}s)",
+                    secs * (1 + server::KEEPALIVE_PROBES as u64),
+                    probes = server::KEEPALIVE_PROBES,
+                ),
+            };
+            let allow = match config.allow.as_slice() {
+                [] => "any address".to_owned(),
+                nets => nets
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            };
+            let export_access: Vec<String> = config
+                .exports
+                .iter()
+                .map(|e| format!("{:?}: {}", e.name, e.access.describe()))
+                .collect();
             let per_client = match config.max_connections_per_client {
                 0 => "no cap".to_owned(),
                 n => n.to_string(),
             };
             println!(
-                "{shown}: OK\n  exports: {}\n  listen: {}\n  metrics: {}\n  shutdown grace: {:?}\n  \
+                "{shown}: OK\n  exports: {}\n  listen: {}\n  tcp clients allowed from: {allow}\n  \
+                 export access: {}\n  metrics: {}\n  shutdown grace: {:?}\n  \
                  connections: at most {} (per client: {per_client}), handshake timeout: {}, \
-                 tcp keepalive: {}\n  tls: {tls}",
+                 tcp keepalive: {keepalive}\n  memory for requests in flight: at most {} per \
+                 connection, {} for all {} (buffers are mapped, resident as used)\n  tls: {tls}",
                 config.describe_exports(),
                 listen.join(", "),
+                export_access.join(", "),
                 config.metrics.as_deref().unwrap_or("off"),
                 config.shutdown_grace,
                 config.max_connections,
                 off_if_zero(config.handshake_timeout),
-                off_if_zero(config.tcp_keepalive),
+                format_size(CONNECTION_BUFFER_BYTES as u64),
+                format_size(CONNECTION_BUFFER_BYTES as u64 * config.max_connections as u64),
+                config.max_connections,
             );
             ExitCode::SUCCESS
         }
@@ -332,7 +360,15 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
             name = %ramnbd::logsafe::Untrusted::text(&export.name),
             size = export.size(),
             read_only = export.read_only,
+            access = %export.access.describe(),
             "export ready"
+        );
+    }
+    if !config.allow.is_empty() {
+        let networks: Vec<String> = config.allow.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "tcp clients allowed from {} only (others are closed before the greeting)",
+            networks.join(" ")
         );
     }
     // Metrics first: scripts take the "listening on" lines to mean that everything is up.
@@ -378,6 +414,7 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
         max_connections_per_client: config.max_connections_per_client,
         handshake_timeout: nonzero(config.handshake_timeout),
         tcp_keepalive: nonzero(config.tcp_keepalive),
+        allow: config.allow.clone(),
         shutdown_grace: config.shutdown_grace,
         metrics,
         tls,

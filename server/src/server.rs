@@ -15,15 +15,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::{Peer, PeerKind, ServerAccess};
 use crate::config::ListenAddr;
 use crate::export::Exports;
 use crate::metrics::Metrics;
-use crate::session::{self, HandedOver, MAX_PENDING, Suspended};
+use crate::session::{self, HandedOver, HandshakeOptions, MAX_PENDING, Suspended};
 use crate::shutdown::{self, CLOSE_FLUSH, Phase, Shutdown};
 use crate::systemd::{self, CONN_PREFIX, Inherited, InheritedSocket, STATE_NAME, StoredConnection};
 use crate::tls::Tls;
@@ -161,6 +163,8 @@ pub struct ServeOptions {
     pub handshake_timeout: Option<Duration>,
     /// TCP keepalive idle time on accepted TCP connections; `None`: keepalive off.
     pub tcp_keepalive: Option<Duration>,
+    /// The client networks that may connect over TCP; empty: any (see [`ServerAccess`]).
+    pub allow: Vec<IpNet>,
     pub shutdown_grace: Duration,
     /// Where requests and connections are counted; `None` when metrics are off.
     pub metrics: Option<Arc<Metrics>>,
@@ -276,11 +280,13 @@ pub async fn serve_adopting(
         );
     }
     let per_client = PerClient::new(options.max_connections_per_client);
+    let access = Arc::new(ServerAccess::new(options.allow.clone()));
     for listener in listeners {
         let accept = accept_loop(
             listener,
             Arc::clone(&slots),
             Arc::clone(&per_client),
+            Arc::clone(&access),
             options.tcp_keepalive,
             tracker.clone(),
             Session {
@@ -359,7 +365,7 @@ struct Session {
 
 /// How a session task begins.
 enum Start {
-    Accepted(Stream),
+    Accepted(Stream, Peer),
     Resume(SuspendedConnection),
 }
 
@@ -368,10 +374,10 @@ impl Session {
     /// server's list of those handed over.
     async fn run(self, start: Start) {
         let counted = self.metrics.as_ref().map(|m| m.connection());
-        let (stream, state) = match start {
-            Start::Accepted(stream) => (stream, None),
+        let (stream, peer, state) = match start {
+            Start::Accepted(stream, peer) => (stream, peer, None),
             Start::Resume(SuspendedConnection { socket, state }) => match Stream::adopt(socket) {
-                Ok(stream) => (stream, Some(state)),
+                Ok((stream, peer)) => (stream, peer, Some(state)),
                 Err(err) => {
                     tracing::warn!(cause = %err, "cannot adopt a handed-over connection");
                     return;
@@ -382,7 +388,7 @@ impl Session {
         let suspended = match stream {
             Stream::Tcp(stream) => {
                 let (reader, writer) = stream.into_split();
-                let ended = serve_or_resume(reader, writer, state, self);
+                let ended = serve_or_resume(reader, writer, peer, state, self);
                 ended.await.map(
                     |HandedOver {
                          reader,
@@ -396,7 +402,7 @@ impl Session {
             }
             Stream::Unix(stream) => {
                 let (reader, writer) = stream.into_split();
-                let ended = serve_or_resume(reader, writer, state, self);
+                let ended = serve_or_resume(reader, writer, peer, state, self);
                 ended.await.map(
                     |HandedOver {
                          reader,
@@ -427,6 +433,7 @@ impl Session {
 async fn serve_or_resume<R, W>(
     reader: R,
     writer: W,
+    peer: Peer,
     state: Option<Suspended>,
     session: Session,
 ) -> Option<HandedOver<R, W>>
@@ -447,15 +454,20 @@ where
             session::serve_within(
                 reader,
                 writer,
-                handshake_timeout,
-                &tls,
+                peer,
+                &HandshakeOptions {
+                    deadline: handshake_timeout,
+                    tls,
+                },
                 exports,
                 shutdown,
                 metrics,
             )
             .await
         }
-        Some(state) => session::resume(reader, writer, state, exports, shutdown, metrics).await,
+        Some(state) => {
+            session::resume(reader, writer, peer, state, exports, shutdown, metrics).await
+        }
     }
 }
 
@@ -467,6 +479,7 @@ async fn accept_loop(
     listener: Listener,
     slots: Arc<Semaphore>,
     per_client: Arc<PerClient>,
+    access: Arc<ServerAccess>,
     tcp_keepalive: Option<Duration>,
     tracker: TaskTracker,
     session: Session,
@@ -481,7 +494,7 @@ async fn accept_loop(
             accepted = accept(&listener) => accepted,
             () = shutdown.reached(Phase::Stopping) => return,
         };
-        let (stream, peer, client) = match accepted {
+        let (stream, shown, peer) = match accepted {
             Ok(conn) => conn,
             Err(err) => {
                 // EMFILE and friends: back off rather than spin, and keep serving.
@@ -491,21 +504,25 @@ async fn accept_loop(
             }
         };
         // Closed before the greeting: the client learns nothing and holds nothing.
-        let Some(client_slot) = per_client.admit(client) else {
+        if !access.admit(&peer) {
+            drop(stream);
+            continue;
+        }
+        let Some(client_slot) = per_client.admit(peer.ip()) else {
             drop(stream);
             continue;
         };
         if let (Stream::Tcp(tcp), Some(idle)) = (&stream, tcp_keepalive)
             && let Err(err) = set_keepalive(tcp, idle)
         {
-            tracing::warn!(peer, cause = %err, "cannot set TCP keepalive");
+            tracing::warn!(peer = shown, cause = %err, "cannot set TCP keepalive");
         }
-        let span = tracing::info_span!("conn", peer = %peer, export = tracing::field::Empty);
+        let span = tracing::info_span!("conn", peer = %shown, export = tracing::field::Empty);
         let session = session.clone();
         tracker.spawn(
             async move {
                 tracing::debug!("accepted");
-                session.run(Start::Accepted(stream)).await;
+                session.run(Start::Accepted(stream, peer)).await;
                 drop(client_slot);
                 drop(slot);
             }
@@ -638,20 +655,23 @@ enum Stream {
 
 impl Stream {
     /// A connected socket passed on from another process (call inside the runtime): TCP or
-    /// Unix by the socket's own address family.
-    fn adopt(socket: OwnedFd) -> io::Result<Stream> {
+    /// Unix by the socket's own address family, with its peer.
+    fn adopt(socket: OwnedFd) -> io::Result<(Stream, Peer)> {
         use rustix::net::{AddressFamily, sockopt};
         match sockopt::socket_domain(&socket)? {
             AddressFamily::INET | AddressFamily::INET6 => {
                 let stream = std::net::TcpStream::from(socket);
                 stream.set_nonblocking(true)?;
                 stream.set_nodelay(true)?;
-                Ok(Stream::Tcp(TcpStream::from_std(stream)?))
+                let peer = Peer::tcp(stream.peer_addr()?.ip());
+                Ok((Stream::Tcp(TcpStream::from_std(stream)?), peer))
             }
             AddressFamily::UNIX => {
                 let stream = std::os::unix::net::UnixStream::from(socket);
                 stream.set_nonblocking(true)?;
-                Ok(Stream::Unix(UnixStream::from_std(stream)?))
+                let stream = UnixStream::from_std(stream)?;
+                let peer = unix_peer(&stream);
+                Ok((Stream::Unix(stream), peer))
             }
             other => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -661,34 +681,63 @@ impl Stream {
     }
 }
 
-/// Accepts one connection: the stream, the peer for the log, and the client it is counted
-/// under by [`PerClient`] (`None`: not counted). TCP gets TCP_NODELAY: replies are small and
-/// latency-bound.
-async fn accept(listener: &Listener) -> io::Result<(Stream, String, Option<IpAddr>)> {
+/// Accepts one connection: the stream, the peer as the log shows it, and the [`Peer`] the
+/// access rules and [`PerClient`] judge (a TCP client is counted by IP address; local clients
+/// are not counted: the socket's permissions decide who may connect). TCP gets TCP_NODELAY:
+/// replies are small and latency-bound.
+async fn accept(listener: &Listener) -> io::Result<(Stream, String, Peer)> {
     match listener {
         Listener::Tcp(l) => {
-            let (stream, peer) = l.accept().await?;
+            let (stream, addr) = l.accept().await?;
             stream.set_nodelay(true)?;
-            Ok((Stream::Tcp(stream), peer.to_string(), Some(peer.ip())))
+            // IPv4 clients of a dual-stack listener as IPv4, as the rules see them.
+            let shown = std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port());
+            Ok((Stream::Tcp(stream), shown.to_string(), Peer::tcp(addr.ip())))
         }
         Listener::Unix(l, SocketFile(path)) | Listener::UnixInherited(l, path) => {
             let (stream, _) = l.accept().await?;
-            // Local clients are not counted: the socket's permissions decide who may connect.
-            Ok((
-                Stream::Unix(stream),
-                format!("unix:{}", path.display()),
-                None,
-            ))
+            let peer = unix_peer(&stream);
+            let shown = match peer.kind {
+                PeerKind::Unix { uid, pid, .. } => match pid {
+                    Some(pid) => format!("unix:{} uid {uid} pid {pid}", path.display()),
+                    None => format!("unix:{} uid {uid}", path.display()),
+                },
+                _ => format!("unix:{}", path.display()),
+            };
+            Ok((Stream::Unix(stream), shown, peer))
         }
     }
 }
 
-/// SO_KEEPALIVE with probes after `idle` without traffic (the kernel's interval and count).
+/// A Unix-socket peer by the credentials the kernel recorded at connect (`SO_PEERCRED`).
+fn unix_peer(stream: &UnixStream) -> Peer {
+    match stream.peer_cred() {
+        Ok(cred) => Peer::unix(cred.uid(), cred.gid(), cred.pid()),
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot read a Unix peer's credentials");
+            Peer {
+                kind: PeerKind::UnixUnknown,
+                tls_identity: None,
+            }
+        }
+    }
+}
+
+/// Keepalive probes sent, [`set_keepalive`]'s interval apart, before a silent peer's
+/// connection is closed.
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// SO_KEEPALIVE: after `idle` without traffic, a probe every `idle`, and after
+/// [`KEEPALIVE_PROBES`] unanswered the kernel closes the connection: a vanished peer's
+/// connection ends within `idle` × (1 + [`KEEPALIVE_PROBES`]).
 fn set_keepalive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
     use rustix::net::sockopt;
     sockopt::set_socket_keepalive(stream, true)?;
     // Whole seconds, at least one: what the kernel takes.
-    sockopt::set_tcp_keepidle(stream, idle.max(Duration::from_secs(1)))?;
+    let idle = Duration::from_secs(idle.as_secs().max(1));
+    sockopt::set_tcp_keepidle(stream, idle)?;
+    sockopt::set_tcp_keepintvl(stream, idle)?;
+    sockopt::set_tcp_keepcnt(stream, KEEPALIVE_PROBES)?;
     Ok(())
 }
 

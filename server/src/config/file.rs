@@ -13,6 +13,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
@@ -20,14 +21,16 @@ use super::value::{
     self, HOST_PORT_FIX, check_host_port, check_log_level, parse_backing, parse_duration,
 };
 use super::{Config, ConfigError, ExportConfig, FileError, ListenAddr, Origin};
+use crate::access::{self, ExportAccess};
 
 /// Where the service looks when `--config` is not given (used only if it exists).
 pub const DEFAULT_PATH: &str = "/etc/ramnbd/ramnbd.toml";
 
 // The keys each table allows, in the order that errors list them.
 const SECTIONS: &[&str] = &[
-    "listen", "export", "memory", "logging", "metrics", "server", "tls",
+    "listen", "export", "memory", "logging", "metrics", "server", "access", "tls",
 ];
+const ACCESS_KEYS: &[&str] = &["allow"];
 const LISTEN_KEYS: &[&str] = &["tcp", "unix"];
 const EXPORT_KEYS: &[&str] = &[
     "name",
@@ -38,6 +41,10 @@ const EXPORT_KEYS: &[&str] = &[
     "image",
     "save-interval",
     "tls",
+    "allow",
+    "allow-uid",
+    "allow-gid",
+    "allow-identity",
 ];
 const MEMORY_KEYS: &[&str] = &["max-memory", "mlock", "hugepages", "backing"];
 const LOGGING_KEYS: &[&str] = &["level"];
@@ -201,6 +208,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             config.set_tls_psk(path, psk.origin());
         }
     }
+    if let Some(access) = root.get("access") {
+        let access = access.table(ACCESS_KEYS)?;
+        if let Some(allow) = access.get("allow") {
+            config.allow = allow.list(Item::network)?;
+        }
+    }
     config.validate()?;
     Ok(config)
 }
@@ -230,6 +243,12 @@ fn export(item: &Item<'_>) -> Result<(ExportConfig, Origin), ConfigError> {
                     return Err(tls.error(&message, EXPORT_TLS_FIX));
                 }
             },
+        },
+        access: ExportAccess {
+            networks: table.list("allow", Item::network)?,
+            uids: table.list("allow-uid", Item::id)?,
+            gids: table.list("allow-gid", Item::id)?,
+            identities: table.list("allow-identity", Item::identity)?,
         },
     };
     Ok((export, name.origin()))
@@ -306,6 +325,17 @@ impl<'a> Table<'a> {
         convert: impl FnOnce(&Item<'a>) -> Result<T, ConfigError>,
     ) -> Result<Option<T>, ConfigError> {
         self.get(name).map(|item| convert(&item)).transpose()
+    }
+
+    /// A key that takes one value or a list of them; none when it is not given.
+    fn list<T>(
+        &self,
+        name: &str,
+        convert: impl Fn(&Item<'a>) -> Result<T, ConfigError>,
+    ) -> Result<Vec<T>, ConfigError> {
+        Ok(self
+            .optional(name, |item| item.list(convert))?
+            .unwrap_or_default())
     }
 
     /// The items of the array `name`; none when it is not given.
@@ -455,6 +485,56 @@ impl<'a> Item<'a> {
             "" => Err(self.error("is empty", fix)),
             path => Ok(path.into()),
         }
+    }
+
+    /// One value, or each of a list of them.
+    fn list<T>(
+        &self,
+        convert: impl Fn(&Item<'a>) -> Result<T, ConfigError>,
+    ) -> Result<Vec<T>, ConfigError> {
+        match self.value {
+            DeValue::Array(_) => self.array()?.iter().map(convert).collect(),
+            _ => Ok(vec![convert(self)?]),
+        }
+    }
+
+    /// A client network: CIDR text or one address.
+    fn network(&self) -> Result<IpNet, ConfigError> {
+        let text = self.string()?;
+        access::parse_network(text).map_err(|reason| {
+            self.error(
+                &format!("bad network {text:?}: {reason}"),
+                access::NETWORK_FIX,
+            )
+        })
+    }
+
+    /// A numeric uid or gid.
+    fn id(&self) -> Result<u32, ConfigError> {
+        let fix = "give the numeric id, such as 0 or 1000 (`id -u NAME` prints a user's, \
+                   `getent group NAME` a group's)";
+        if let DeValue::String(text) = self.value {
+            let message = format!("{text:?} is not a numeric uid or gid");
+            return access::parse_id(text).map_err(|_| self.error(&message, fix));
+        }
+        match self.integer(fix)? {
+            None => Err(self.wrong_type("a numeric uid or gid")),
+            Some(n) => {
+                u32::try_from(n).map_err(|_| self.error(&format!("{n} is not a uid or gid"), fix))
+            }
+        }
+    }
+
+    /// A TLS identity: a client certificate's subject CN.
+    fn identity(&self) -> Result<String, ConfigError> {
+        let text = self.string()?;
+        access::check_identity(text).map_err(|reason| {
+            self.error(
+                &reason,
+                "give the subject CN of the client certificate to admit",
+            )
+        })?;
+        Ok(text.to_owned())
     }
 
     /// A whole number of at least 1.

@@ -4,6 +4,7 @@
 
 use super::value::{check_host_port, check_log_level, parse_backing, parse_duration, parse_size};
 use super::{Config, ConfigError, ExportConfig, ListenAddr, Origin};
+use crate::access::{self, ExportAccess};
 use crate::cli::Cli;
 use crate::tls::TlsMode;
 
@@ -111,6 +112,21 @@ impl Config {
         if let Some(file) = cli.tls_psk {
             self.set_tls_psk(file, Origin::Flag("--tls-psk"));
         }
+        if !cli.allow.is_empty() {
+            self.allow = cli
+                .allow
+                .iter()
+                .map(|text| {
+                    access::parse_network(text).map_err(|reason| {
+                        flag_error(
+                            "--allow",
+                            text,
+                            format!("{reason}; {}", access::NETWORK_FIX),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
         if let Some(addr) = cli.metrics {
             check_host_port(&addr).map_err(|reason| flag_error("--metrics", &addr, reason))?;
             self.set_metrics(addr, Origin::Flag("--metrics"));
@@ -137,7 +153,8 @@ fn flag_error(flag: &'static str, value: &str, reason: String) -> ConfigError {
 }
 
 /// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
-/// [,tls=require][,description=TEXT]`.
+/// [,tls=require][,allow=CIDR]...[,allow-uid=UID]...[,allow-gid=GID]...[,allow-identity=NAME]...
+/// [,description=TEXT]`. The access options repeat; see [`crate::access`].
 pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::ExportSpec {
         spec: spec.to_owned(),
@@ -162,6 +179,7 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let mut image = None;
     let mut save_interval = None;
     let mut tls_required = false;
+    let mut access = ExportAccess::default();
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => read_only = true,
@@ -183,6 +201,23 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
                     "tls={value:?}: the only per-export TLS setting is tls=require"
                 )));
             }
+            Some(("allow", value)) => access.networks.push(
+                access::parse_network(value)
+                    .map_err(|reason| bad(&format!("allow={value}: {reason}")))?,
+            ),
+            Some(("allow-uid", value)) => access.uids.push(
+                access::parse_id(value)
+                    .map_err(|reason| bad(&format!("allow-uid={value}: {reason}")))?,
+            ),
+            Some(("allow-gid", value)) => access.gids.push(
+                access::parse_id(value)
+                    .map_err(|reason| bad(&format!("allow-gid={value}: {reason}")))?,
+            ),
+            Some(("allow-identity", value)) => {
+                access::check_identity(value)
+                    .map_err(|reason| bad(&format!("allow-identity: {reason}")))?;
+                access.identities.push(value.to_owned());
+            }
             _ => return Err(bad(&format!("unknown option {option:?}"))),
         }
     }
@@ -195,5 +230,6 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
         image,
         save_interval,
         tls_required,
+        access,
     })
 }

@@ -23,15 +23,17 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
+use crate::access::Peer;
 use crate::export::Exports;
 use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::shutdown::{PhaseWatch, Shutdown};
 use crate::tls::{Established, Joined, Tls};
-use negotiate::Outcome;
+use negotiate::{ClientLog, Outcome};
 
-pub use negotiate::Negotiated;
+pub use negotiate::{Negotiated, PROVOKED_LINES};
 pub use suspend::{MAX_PENDING, ResumeError, STATE_VERSION, StateError, Suspended};
+pub use transmit::CONNECTION_BUFFER_BYTES;
 
 /// A connection suspended by a hand-over: its stream, open, and the state to resume it with.
 /// For sockets, reunite the halves (`OwnedReadHalf::reunite`) to get the socket back.
@@ -59,8 +61,8 @@ where
     serve_within(
         reader,
         writer,
-        None,
-        &Tls::off(),
+        Peer::unknown(),
+        &HandshakeOptions::default(),
         exports,
         shutdown,
         metrics,
@@ -68,10 +70,20 @@ where
     .await
 }
 
-/// Like [`serve`], closing the connection if it has not reached the transmission phase
-/// within `handshake_deadline` (`None`: no deadline; it covers the TLS handshake too): a
-/// client that connects and sends nothing, or too little, must not hold its slot and file
-/// descriptor for ever. `tls`: whether and how STARTTLS is served.
+/// How handshakes are run: their deadline and TLS.
+#[derive(Debug, Clone, Default)]
+pub struct HandshakeOptions {
+    /// A connection not in the transmission phase by then is closed (it covers the TLS
+    /// handshake too); `None`: no deadline.
+    pub deadline: Option<Duration>,
+    /// Whether and how STARTTLS is served.
+    pub tls: Tls,
+}
+
+/// Like [`serve`], for a client that is `peer` (whom the exports' access rules judge),
+/// closing the connection if it has not reached the transmission phase within the
+/// deadline of `options`: a client that connects and sends nothing, or too little, must not
+/// hold its slot and file descriptor for ever.
 ///
 /// A connection that started TLS runs the rest of its handshake and its transmission phase
 /// over TLS, and is never handed over: a hand-over stops it as a plain stop does (its
@@ -79,8 +91,8 @@ where
 pub async fn serve_within<R, W>(
     reader: R,
     writer: W,
-    handshake_deadline: Option<Duration>,
-    tls: &Tls,
+    mut peer: Peer,
+    options: &HandshakeOptions,
     exports: Arc<Exports>,
     shutdown: Shutdown,
     metrics: Option<Arc<Metrics>>,
@@ -91,18 +103,29 @@ where
 {
     // One view of the shutdown phases for the whole connection, handshake and transmission.
     let mut watch = shutdown.watch();
-    let handshake = handshake(reader, writer, tls, &exports, &mut watch);
-    let handshake = match handshake_deadline {
+    let mut log = ClientLog::default();
+    let handshake = handshake(
+        reader,
+        writer,
+        &options.tls,
+        &exports,
+        &mut peer,
+        &mut watch,
+        &mut log,
+    );
+    let handshake = match options.deadline {
         None => handshake.await,
         Some(deadline) => match tokio::time::timeout(deadline, handshake).await {
             Ok(ended) => ended,
             Err(_elapsed) => {
                 // Debug, not info: a flood of silent connections must not flood the log too.
                 tracing::debug!(?deadline, "handshake not finished in time: closing");
+                log.finish();
                 return None;
             }
         },
     };
+    log.finish();
     let handshake = match handshake {
         Ok(handshake) => handshake,
         Err(err) => {
@@ -170,13 +193,15 @@ enum Handshake<R, W> {
 }
 
 /// The whole handshake: greeting, options, and, on STARTTLS, the TLS handshake and the
-/// options after it.
+/// options after it, judged with the identity TLS verified.
 async fn handshake<R, W>(
     mut reader: R,
     mut writer: W,
     tls: &Tls,
     exports: &Exports,
+    peer: &mut Peer,
     watch: &mut PhaseWatch,
+    log: &mut ClientLog,
 ) -> std::io::Result<Handshake<R, W>>
 where
     R: AsyncRead + Unpin,
@@ -186,7 +211,16 @@ where
         return Ok(Handshake::Closed);
     };
     let mut state = state.with_tls_mode(tls.mode);
-    match negotiate::options(&mut reader, &mut writer, exports, watch, &mut state).await? {
+    let outcome = negotiate::options(
+        &mut reader,
+        &mut writer,
+        exports,
+        peer,
+        watch,
+        &mut state,
+        log,
+    );
+    match outcome.await? {
         Outcome::Close => return Ok(Handshake::Closed),
         Outcome::Transmit(negotiated) => {
             return Ok(Handshake::Plain {
@@ -211,15 +245,27 @@ where
         }
     };
     let established = Established::of(stream.get_ref().1);
+    let shown = established.identity.as_deref().map(Untrusted::text);
     tracing::info!(
         version = %established.version,
         cipher = %established.cipher,
-        identity = %established.identity.as_deref().map_or(Untrusted::text("(none)"), Untrusted::text),
+        identity = %shown.map_or_else(|| "(none)".to_owned(), |id| id.to_string()),
         "TLS established"
     );
+    // What the exports' allow-identity rules match from now on.
+    peer.tls_identity = established.identity.clone();
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut state = state.secured(established);
-    match negotiate::options(&mut reader, &mut writer, exports, watch, &mut state).await? {
+    let outcome = negotiate::options(
+        &mut reader,
+        &mut writer,
+        exports,
+        peer,
+        watch,
+        &mut state,
+        log,
+    );
+    match outcome.await? {
         Outcome::Transmit(negotiated) => Ok(Handshake::Tls {
             reader,
             writer,
@@ -236,10 +282,12 @@ where
 /// Carries on a session suspended by a hand-over, on the same stream (its socket, passed on
 /// from the process that suspended it): its pending input first, then what the stream brings.
 /// A state this server cannot honour (the export is gone, resized or now read-only: see
-/// [`Suspended::negotiated`]) is logged and the stream closed. Ends as [`serve`] does.
+/// [`Suspended::negotiated`]), or an export whose access rules now refuse `peer`, is logged
+/// and the stream closed. Ends as [`serve`] does.
 pub async fn resume<R, W>(
     reader: R,
     mut writer: W,
+    peer: Peer,
     state: Suspended,
     exports: Arc<Exports>,
     shutdown: Shutdown,
@@ -261,6 +309,16 @@ where
             return None;
         }
     };
+    // The rules may have changed with the new process's configuration.
+    if let Err(refusal) = negotiated.export.access.check(&peer) {
+        tracing::warn!(
+            %peer,
+            reason = %refusal,
+            "the export's access rules refuse a handed-over connection: closing it"
+        );
+        let _ = writer.shutdown().await;
+        return None;
+    }
     tracing::info!(
         mode = ?negotiated.reply_mode(),
         pending = state.pending.len(),

@@ -6,13 +6,15 @@
 //! `require`, before TLS every option but STARTTLS and ABORT gets `ERR_TLS_REQD` and
 //! EXPORT_NAME closes the connection (FORCEDTLS). With `on`, exports marked `tls=require` are
 //! hidden from LIST before TLS, INFO and GO for them get `ERR_TLS_REQD` and EXPORT_NAME for
-//! them closes (SELECTIVETLS).
+//! them closes (SELECTIVETLS). The TLS requirement is judged before the export's access rules
+//! (the spec's MUST for INFO/GO); both hide an export from LIST.
 
 use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::access::Peer;
 use crate::export::{Export, Exports};
 use crate::logsafe::Untrusted;
 use crate::proto::Capabilities;
@@ -54,6 +56,44 @@ impl Negotiated {
     }
 }
 
+/// Log lines about one client's options logged in full; the rest are counted and summed up in
+/// one line when the handshake ends. A client looping over options that each provoke a line
+/// (unknown or refused exports, malformed requests) must not flood the log.
+pub const PROVOKED_LINES: u32 = 16;
+
+/// The per-connection budget of log lines the client's options provoke (before and after
+/// STARTTLS together).
+#[derive(Debug, Default)]
+pub struct ClientLog {
+    logged: u32,
+    suppressed: u64,
+}
+
+impl ClientLog {
+    /// Whether the next provoked line may be logged; counts it if not.
+    fn admit(&mut self) -> bool {
+        if self.logged < PROVOKED_LINES {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// The summary line, if lines were suppressed.
+    pub fn finish(&self) {
+        if self.suppressed > 0 {
+            tracing::info!(
+                suppressed = self.suppressed,
+                "{} more lines about this client's options suppressed (at most {PROVOKED_LINES} \
+                 per connection are logged)",
+                self.suppressed
+            );
+        }
+    }
+}
+
 /// Option-phase state that later options change.
 #[derive(Debug, Default)]
 pub struct State {
@@ -63,7 +103,7 @@ pub struct State {
     extended: bool,
     /// Export for which SET_META_CONTEXT selected base:allocation.
     meta_export: Option<String>,
-    /// The server's TLS mode for this connection (off when it has no credentials).
+    /// The server's TLS mode for this connection.
     tls_mode: TlsMode,
     /// What STARTTLS established; `None` before TLS.
     tls: Option<Established>,
@@ -87,7 +127,8 @@ impl State {
     }
 
     /// After the TLS handshake: everything negotiated before is forgotten (the spec's MUST),
-    /// but the handshake flags stay.
+    /// but the handshake flags stay. (The caller puts the identity in
+    /// [`Peer::tls_identity`], which the exports' `allow-identity` rules match.)
     pub fn secured(self, established: Established) -> State {
         State {
             fixed_newstyle: self.fixed_newstyle,
@@ -99,8 +140,6 @@ impl State {
     }
 
     /// The verified client certificate's identity (subject CN), once TLS is established.
-    /// ACCESS CONTROL HOOK: per-export `allow-identity` rules (server/src/access.rs, issue 11
-    /// part 2) match this, for LIST, INFO, GO and EXPORT_NAME.
     pub fn tls_identity(&self) -> Option<&str> {
         self.tls.as_ref()?.identity.as_deref()
     }
@@ -124,10 +163,6 @@ impl State {
 
 /// Sends the greeting and reads the client's flags: the state to run [`options`] with, or
 /// `None` if the connection is to close (logged).
-///
-/// Once the server is stopping, every option gets `NBD_REP_ERR_SHUTDOWN` ("the server is
-/// unwilling to continue negotiation as it is in the process of being shut down"), ABORT its
-/// ACK, and the connection closes when the client goes quiet, or when closing begins.
 pub async fn greet<R, W>(
     reader: &mut R,
     writer: &mut W,
@@ -168,6 +203,7 @@ pub async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     exports: &Exports,
+    peer: &mut Peer,
     watch: &mut PhaseWatch,
 ) -> io::Result<Option<Negotiated>>
 where
@@ -177,19 +213,32 @@ where
     let Some(mut state) = greet(reader, writer, watch).await? else {
         return Ok(None);
     };
-    match options(reader, writer, exports, watch, &mut state).await? {
+    let mut log = ClientLog::default();
+    let outcome = options(reader, writer, exports, peer, watch, &mut state, &mut log).await;
+    log.finish();
+    match outcome? {
         Outcome::Transmit(negotiated) => Ok(Some(negotiated)),
         Outcome::Close | Outcome::StartTls => Ok(None),
     }
 }
 
 /// Reads and answers options until the client picks an export, leaves, or starts TLS.
+///
+/// Once the server is stopping, every option gets `NBD_REP_ERR_SHUTDOWN` ("the server is
+/// unwilling to continue negotiation as it is in the process of being shut down"), ABORT its
+/// ACK, and the connection closes when the client goes quiet, or when closing begins.
+///
+/// `peer` is who the exports' access rules judge: an export it may not use is left out of
+/// LIST and refused with `NBD_REP_ERR_POLICY` (EXPORT_NAME: closed) before anything about it
+/// is revealed or opened. `log`: the connection's budget of provoked log lines.
 pub async fn options<R, W>(
     reader: &mut R,
     writer: &mut W,
     exports: &Exports,
+    peer: &mut Peer,
     watch: &mut PhaseWatch,
     state: &mut State,
+    log: &mut ClientLog,
 ) -> io::Result<Outcome>
 where
     R: AsyncRead + Unpin,
@@ -247,7 +296,7 @@ where
         let step = if watch.refresh() >= Phase::Stopping {
             refuse_option(option, &mut out)
         } else {
-            handle_option(option, &data, state, exports, &mut out)
+            handle_option(option, &data, state, exports, peer, log, &mut out)
         };
         writer.write_all(&out).await?;
         match step {
@@ -332,14 +381,29 @@ fn refuse_option(option: u32, out: &mut Vec<u8>) -> Step {
     }
 }
 
+/// Whether `peer` is refused `export` (for `op`), logged within the client's budget.
+fn refused(op: &str, export: &Export, peer: &Peer, log: &mut ClientLog) -> bool {
+    let Err(refusal) = export.access.check(peer) else {
+        return false;
+    };
+    if log.admit() {
+        let name = Untrusted::text(&export.name);
+        tracing::info!(op, %name, %peer, reason = %refusal, "refused by the export's access rules");
+    }
+    true
+}
+
 /// Handles one option, appending the replies to `out`.
 fn handle_option(
     option: u32,
     data: &[u8],
     state: &mut State,
     exports: &Exports,
+    peer: &Peer,
+    log: &mut ClientLog,
     out: &mut Vec<u8>,
 ) -> Step {
+    let refused = |op: &str, export: &Export, log: &mut ClientLog| refused(op, export, peer, log);
     let error = |out: &mut Vec<u8>, kind: u32, message: &str| {
         option_reply(out, option, kind, message.as_bytes());
         Step::Continue
@@ -349,10 +413,14 @@ fn handle_option(
         let op = option_name(option);
         if option == OPT_EXPORT_NAME {
             // No error path exists for EXPORT_NAME: the spec says to terminate.
-            tracing::info!(op, "TLS required: EXPORT_NAME before STARTTLS, closing");
+            if log.admit() {
+                tracing::info!(op, "TLS required: EXPORT_NAME before STARTTLS, closing");
+            }
             return Step::Close;
         }
-        tracing::info!(op, "TLS required: option before STARTTLS refused");
+        if log.admit() {
+            tracing::info!(op, "TLS required: option before STARTTLS refused");
+        }
         return error(
             out,
             REP_ERR_TLS_REQD,
@@ -374,8 +442,14 @@ fn handle_option(
                 return Step::Close;
             };
             if state.needs_tls(export) {
-                let name = Untrusted::text(&export.name);
-                tracing::info!(op = "EXPORT_NAME", %name, "export requires TLS, closing");
+                if log.admit() {
+                    let name = Untrusted::text(&export.name);
+                    tracing::info!(op = "EXPORT_NAME", %name, "export requires TLS, closing");
+                }
+                return Step::Close;
+            }
+            // EXPORT_NAME has no error reply either.
+            if refused("EXPORT_NAME", export, log) {
                 return Step::Close;
             }
             let flags = state.capabilities(export).transmission_flags();
@@ -394,8 +468,10 @@ fn handle_option(
             if !data.is_empty() {
                 return error(out, REP_ERR_INVALID, "LIST takes no data");
             }
-            // Exports that need TLS are hidden until TLS is up (SELECTIVETLS allows it).
-            for export in exports.iter().filter(|e| !state.needs_tls(e)) {
+            // Only what this peer may use: the others are not revealed, and neither are
+            // exports that need TLS before TLS is up (SELECTIVETLS allows hiding them).
+            let shown = |e: &&Arc<Export>| !state.needs_tls(e) && e.access.check(peer).is_ok();
+            for export in exports.iter().filter(shown) {
                 let entry = handshake::server_entry(&export.name, &export.description);
                 option_reply(out, option, REP_SERVER, &entry);
             }
@@ -411,7 +487,9 @@ fn handle_option(
                 return error(out, REP_ERR_INVALID, "STARTTLS takes no data");
             }
             if state.tls.is_some() {
-                tracing::info!("STARTTLS over TLS refused");
+                if log.admit() {
+                    tracing::info!("STARTTLS over TLS refused");
+                }
                 return error(out, REP_ERR_INVALID, "TLS is already established");
             }
             option_reply(out, option, REP_ACK, &[]);
@@ -422,24 +500,33 @@ fn handle_option(
             let request = match handshake::parse_info_request(data) {
                 Ok(request) => request,
                 Err(err) => {
-                    let name = Untrusted::bytes(handshake::requested_name(data));
-                    tracing::info!(op, %name, reason = err.0, "malformed request, refused");
+                    if log.admit() {
+                        let name = Untrusted::bytes(handshake::requested_name(data));
+                        tracing::info!(op, %name, reason = err.0, "malformed request, refused");
+                    }
                     return error(out, REP_ERR_INVALID, err.0);
                 }
             };
             let Some(export) = exports.get(&request.export) else {
-                let name = Untrusted::text(&request.export);
-                tracing::info!(op, %name, "unknown export, refused");
+                if log.admit() {
+                    let name = Untrusted::text(&request.export);
+                    tracing::info!(op, %name, "unknown export, refused");
+                }
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
             };
             if state.needs_tls(export) {
-                let name = Untrusted::text(&export.name);
-                tracing::info!(op, %name, "export requires TLS: refused before STARTTLS");
+                if log.admit() {
+                    let name = Untrusted::text(&export.name);
+                    tracing::info!(op, %name, "export requires TLS: refused before STARTTLS");
+                }
                 return error(
                     out,
                     REP_ERR_TLS_REQD,
                     "this export requires TLS: use STARTTLS",
                 );
+            }
+            if refused(op, export, log) {
+                return error(out, REP_ERR_POLICY, "access to this export is not allowed");
             }
             let flags = state.capabilities(export).transmission_flags();
             option_reply(
@@ -513,13 +600,13 @@ fn handle_option(
                 }
             };
             // An export that needs TLS is hidden before TLS, as in LIST.
-            if exports
-                .get(&request.export)
-                .is_none_or(|export| state.needs_tls(export))
-            {
+            let Some(export) = exports.get(&request.export).filter(|e| !state.needs_tls(e)) else {
                 let name = Untrusted::text(&request.export);
                 tracing::debug!(op, %name, "unknown export, refused");
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
+            };
+            if refused(op, export, log) {
+                return error(out, REP_ERR_POLICY, "access to this export is not allowed");
             }
             if handshake::selects_base_allocation(&request.queries, !setting) {
                 let id = if setting { BASE_ALLOCATION_ID } else { 0 };

@@ -53,9 +53,15 @@ fn start_suspendable(exports: &Arc<Exports>, shutdown: &Shutdown) -> (Client, Jo
     let mut watch = shutdown.watch();
     let task = tokio::spawn(async move {
         let (mut reader, mut writer) = tokio::io::split(server);
-        let negotiated = negotiate::negotiate(&mut reader, &mut writer, &exports, &mut watch)
-            .await
-            .ok()??;
+        let negotiated = negotiate::negotiate(
+            &mut reader,
+            &mut writer,
+            &exports,
+            &mut crate::access::Peer::unknown(),
+            &mut watch,
+        )
+        .await
+        .ok()??;
         transmit::transmit(reader, writer, negotiated, &[], watch, None)
             .await
             .ok()
@@ -816,7 +822,15 @@ async fn a_session_is_not_resumed_onto_an_export_that_changed() {
         super::ResumeError::NoExport(_)
     ));
     // The public entry point refuses it and closes the stream cleanly.
-    let resumed = super::resume(reader, writer, state, resized, Shutdown::new(), None);
+    let resumed = super::resume(
+        reader,
+        writer,
+        crate::access::Peer::unknown(),
+        state,
+        resized,
+        Shutdown::new(),
+        None,
+    );
     assert!(resumed.await.is_none());
     assert!(client.closed().await);
 }
@@ -893,7 +907,15 @@ async fn real_sockets_are_handed_over_as_file_descriptors() {
             let socket = std::os::unix::net::UnixStream::from(fd);
             socket.set_nonblocking(true).unwrap();
             let (reader, writer) = UnixStream::from_std(socket).unwrap().into_split();
-            let ended = super::resume(reader, writer, state, exports, Shutdown::new(), None);
+            let ended = super::resume(
+                reader,
+                writer,
+                crate::access::Peer::unknown(),
+                state,
+                exports,
+                Shutdown::new(),
+                None,
+            );
             ended.await.map(|_| ())
         })
     };
@@ -926,7 +948,15 @@ async fn real_sockets_are_handed_over_as_file_descriptors() {
             let socket = std::net::TcpStream::from(fd);
             socket.set_nonblocking(true).unwrap();
             let (reader, writer) = TcpStream::from_std(socket).unwrap().into_split();
-            let ended = super::resume(reader, writer, state, exports, Shutdown::new(), None);
+            let ended = super::resume(
+                reader,
+                writer,
+                crate::access::Peer::unknown(),
+                state,
+                exports,
+                Shutdown::new(),
+                None,
+            );
             ended.await.map(|_| ())
         })
     };
@@ -945,6 +975,7 @@ async fn the_server_collects_suspended_connections_and_a_second_one_adopts_them(
         max_connections_per_client: 0,
         handshake_timeout: None,
         tcp_keepalive: None,
+        allow: Vec::new(),
         shutdown_grace: Duration::from_secs(5),
         metrics: None,
         tls: Default::default(),
@@ -1002,4 +1033,40 @@ async fn the_server_collects_suspended_connections_and_a_second_one_adopts_them(
     }
     new.advance(Phase::Stopping);
     assert!(second.await.unwrap().is_empty(), "nothing handed over");
+}
+
+#[tokio::test]
+async fn a_session_is_not_resumed_for_a_peer_the_new_rules_refuse() {
+    let exports_before = exports(MIB);
+    let old = Shutdown::new();
+    let (mut client, session) = start_suspendable(&exports_before, &old);
+    client.go(false).await;
+    old.hand_over();
+    let (_, handed_over) = session.await.unwrap().unwrap();
+    let HandedOver {
+        reader,
+        writer,
+        state,
+    } = handed_over.expect("suspended");
+    // The same export, now only for one network.
+    let mut config = ExportConfig {
+        name: "disk".to_owned(),
+        size: MIB,
+        ..Default::default()
+    };
+    config.access.networks = vec![crate::access::parse_network("10.0.0.0/8").unwrap()];
+    let restricted = Arc::new(Exports::new(&[config]).unwrap());
+    assert!(state.negotiated(&restricted).is_ok(), "otherwise resumable");
+    let outsider = crate::access::Peer::tcp("192.0.2.1".parse().unwrap());
+    let resumed = super::resume(
+        reader,
+        writer,
+        outsider,
+        state,
+        restricted,
+        Shutdown::new(),
+        None,
+    );
+    assert!(resumed.await.is_none());
+    assert!(client.closed().await);
 }

@@ -54,6 +54,11 @@ pub(super) const RECEIVE_CAPACITY: usize = WHOLE_PAYLOAD + 4096;
 const SEND_BATCH: usize = 256 * 1024;
 /// The send buffer has room for a batch plus one more piece of reply.
 const SEND_CAPACITY: usize = 2 * SEND_BATCH;
+/// The memory one connection can hold for requests in flight, whatever its clients send: its
+/// receive and send buffers, fixed mappings of which only the pages used become resident.
+/// All connections together hold at most `max-connections` times this.
+pub const CONNECTION_BUFFER_BYTES: usize =
+    RECEIVE_CAPACITY + SEND_CAPACITY + super::buffers::ALIASING_PAD;
 /// Most descriptors in one block status reply, so that it fits the room a batch leaves. The
 /// spec lets a reply cover less than the range asked for; clients ask again for the rest.
 const MAX_EXTENTS_PER_REPLY: usize = (SEND_BATCH - 64) / 16;

@@ -687,3 +687,65 @@ fn the_limits_keys_and_flags() {
         "{e}"
     );
 }
+
+#[test]
+fn access_rules_take_one_value_or_lists() {
+    let c = parse_str(
+        r#"
+[access]
+allow = ["10.0.0.0/8", "fd00::/8"]
+
+[[export]]
+name = "a"
+size = "1M"
+allow = "10.1.0.0/16"
+allow-uid = [0, 1000]
+allow-gid = 6
+allow-identity = ["client-a", "client-b"]
+
+[[export]]
+name = "b"
+size = "1M"
+"#,
+    )
+    .unwrap();
+    let shown: Vec<String> = c.allow.iter().map(ToString::to_string).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "fd00::/8"]);
+    let a = &c.exports[0].access;
+    assert_eq!(a.networks.len(), 1);
+    assert_eq!(a.uids, [0, 1000]);
+    assert_eq!(a.gids, [6]);
+    assert_eq!(a.identities, ["client-a", "client-b"]);
+    assert!(c.exports[1].access.is_open());
+}
+
+#[test]
+fn bad_access_rules_name_the_file_key_and_fix() {
+    let err = error("[access]\nallow = [\"10.0.0.0/8\", \"10.0.0.1/8\"]\n");
+    assert!(
+        err.starts_with("/etc/ramnbd/test.toml:2:24: access.allow[1]: bad network"),
+        "{err}"
+    );
+    assert!(
+        err.contains("host bits") && err.contains("fix: write a network"),
+        "{err}"
+    );
+    let err = error("[[export]]\nname = \"a\"\nsize = \"1M\"\nallow-uid = \"root\"\n");
+    assert!(
+        err.contains("export[0].allow-uid: \"root\" is not a numeric uid"),
+        "{err}"
+    );
+    assert!(err.contains("id -u NAME"), "{err}");
+    let err = error("[[export]]\nname = \"a\"\nsize = \"1M\"\nallow-gid = [4294967296]\n");
+    assert!(
+        err.contains("export[0].allow-gid[0]: 4294967296 is not a uid or gid"),
+        "{err}"
+    );
+    let err = error("[[export]]\nname = \"a\"\nsize = \"1M\"\nallow-identity = \"\"\n");
+    assert!(err.contains("export[0].allow-identity: is empty"), "{err}");
+    let err = error("[access]\ndeny = []\n");
+    assert!(
+        err.contains("unknown field `deny`, expected `allow`"),
+        "{err}"
+    );
+}
