@@ -38,6 +38,14 @@ fn main() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    // Bad certificates refuse the start as a bad configuration does: one line, exit 1.
+    let tls = match tls_from(&config) {
+        Ok(tls) => tls,
+        Err(err) => {
+            eprintln!("ramnbd: invalid configuration: {err:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     let _log_flush = init_logging(config.log_level.as_deref())?;
     // Marks this process as an I/O flusher: its memory allocations never wait on I/O, and it
     // is not throttled by dirty-page writeback. Why: when the kernel's NBD client for this
@@ -66,7 +74,7 @@ fn main() -> anyhow::Result<ExitCode> {
         .thread_name("ramnbd")
         .build()
         .context("starting the async runtime")?
-        .block_on(run(config, passed))?;
+        .block_on(run(config, passed, tls))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -284,7 +292,7 @@ fn log_memory(exports: &Exports, what: &str) {
     }
 }
 
-async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
+async fn run(config: Config, passed: Passed, tls: Tls) -> anyhow::Result<()> {
     let Passed {
         listeners: inherited,
         mut stored,
@@ -304,8 +312,6 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     if let Some(path) = &config.source {
         tracing::info!(config = %path.display(), "configuration loaded");
     }
-    // Before the disks and sockets: bad certificates refuse the start at once.
-    let tls = tls_from(&config)?;
     if let Some(credentials) = &tls.credentials {
         tracing::info!(
             mode = tls.mode.as_str(),
