@@ -20,11 +20,12 @@
 #   procps util-linux mount iproute2   pgrep/ps, losetup/blkdiscard/prlimit/setpriv, mount, ss
 #   systemd                 systemd-analyze verify and systemd-socket-activate (unit tests)
 #   binutils                strip, to shrink the binary copied into the systemd VM
+#   openssl                 the TLS tests' CA, server and client certificates
 set -euo pipefail
 
 packages=(nbd-client libnbd-bin python3-libnbd qemu-utils qemu-system-x86 busybox-static fio
           fuse3 e2fsprogs xfsprogs btrfs-progs socat nbdkit debootstrap cpio xz-utils zstd
-          procps util-linux mount iproute2 systemd binutils curl)
+          procps util-linux mount iproute2 systemd binutils curl openssl)
 
 missing=()
 for pkg in "${packages[@]}"; do

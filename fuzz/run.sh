@@ -42,10 +42,10 @@ cargo "${toolchain[@]}" fuzz build -a
 # Per target: the longest input. Sessions stay small so each run is fast; the option parser
 # needs room for a 4096-byte name, and so does a suspended session's state.
 declare -A max_len=([request_decoder]=256 [option_parser]=8192 [session]=16384
-                  [suspended_state]=8192)
+                  [suspended_state]=8192 [negotiation_tls]=8192)
 mkdir -p logs
 failed=()
-targets=(request_decoder option_parser session suspended_state)
+targets=(request_decoder option_parser session suspended_state negotiation_tls)
 for target in "${targets[@]}"; do
     mkdir -p "generated/$target"
     log="logs/$target.log"

@@ -105,6 +105,7 @@ fn libnbd_requests_in_flight_survive_a_hand_over(clients: Clients) {
         allow: Vec::new(),
         shutdown_grace: Duration::from_secs(30),
         metrics: Some(metrics),
+        tls: Default::default(),
     };
     let old_metrics = Metrics::new(Arc::clone(&exports));
     let listeners = runtime

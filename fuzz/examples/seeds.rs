@@ -14,6 +14,7 @@ fn main() -> std::io::Result<()> {
         ("request_decoder", request_decoder()),
         ("option_parser", option_parser()),
         ("session", session()),
+        ("negotiation_tls", negotiation_tls()),
     ] {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;
@@ -25,6 +26,46 @@ fn main() -> std::io::Result<()> {
 }
 
 type Seeds = Vec<(&'static str, Vec<u8>)>;
+
+/// The option phase before STARTTLS: byte 0 is the mode (bit 0: on, else require) and
+/// whether the client flags are prefixed (bit 1); see `ramnbd_fuzz::tls`.
+fn negotiation_tls() -> Seeds {
+    use ramnbd_fuzz::tls::{FLAGS_PREFIX, MODE_ON, SECRET};
+    let secret = SECRET.as_bytes();
+    let probe = [
+        option(OPT_LIST, &[]),
+        option(OPT_INFO, &info_request(secret, &[INFO_NAME])),
+        option(OPT_GO, &info_request(b"open", &[])),
+        option(OPT_STRUCTURED_REPLY, &[]),
+        option(OPT_STARTTLS, b"data"),
+        option(
+            OPT_SET_META_CONTEXT,
+            &meta_context_request(secret, &[b"base:allocation"]),
+        ),
+    ]
+    .concat();
+    let with = |mode: u8, tail: &[u8]| [&[mode | FLAGS_PREFIX][..], &probe, tail].concat();
+    vec![
+        (
+            "require-options-then-starttls",
+            with(0, &option(OPT_STARTTLS, &[])),
+        ),
+        (
+            "require-export-name",
+            with(0, &option(OPT_EXPORT_NAME, b"open")),
+        ),
+        ("require-abort", with(0, &option(OPT_ABORT, &[]))),
+        (
+            "on-options-then-export-name-secret",
+            with(MODE_ON, &option(OPT_EXPORT_NAME, secret)),
+        ),
+        (
+            "on-go-secret",
+            with(MODE_ON, &option(OPT_GO, &info_request(secret, &[]))),
+        ),
+        ("on-starttls", with(MODE_ON, &option(OPT_STARTTLS, &[]))),
+    ]
+}
 
 fn request_decoder() -> Seeds {
     let mut long = compact(CMD_READ, 0, 1, 0, 512);

@@ -106,3 +106,24 @@ fn fill_records_expand() {
     assert_eq!(expand(&[0x80, 0]), b"");
     assert_eq!(expand(&[5, b'a']), b"a");
 }
+
+#[test]
+fn every_negotiation_tls_seed_passes_and_require_refuses_everything() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/negotiation_tls");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("the negotiation_tls corpus") {
+        let path = entry.unwrap().path();
+        let summary = ramnbd_fuzz::tls::run(&std::fs::read(&path).unwrap());
+        eprintln!("{}: {summary:?}", path.display());
+        count += 1;
+    }
+    assert!(count > 0, "no seeds in {}", dir.display());
+    // The harness sees the replies it checks: six refusals, then STARTTLS's ACK.
+    let path = dir.join("require-options-then-starttls");
+    let summary = ramnbd_fuzz::tls::run(&std::fs::read(path).unwrap());
+    let reqd = REP_ERR_TLS_REQD;
+    assert_eq!(
+        summary.replies,
+        [reqd, reqd, reqd, reqd, REP_ERR_INVALID, reqd, REP_ACK]
+    );
+}

@@ -85,7 +85,7 @@ pub struct Cli {
     pub size: Option<String>,
 
     /// Add an export: NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
-    /// [,allow=CIDR][,allow-uid=UID][,allow-gid=GID][,allow-identity=NAME][,description=TEXT].
+    /// [,tls=require][,allow=CIDR][,allow-uid=UID][,allow-gid=GID][,allow-identity=NAME][,description=TEXT].
     /// Repeatable; when given, there is no default export. An empty NAME (`=1G`) is the default
     /// export. The description runs to the end of the argument, commas included. The allow
     /// options repeat and restrict who may see and use the export: allow= TCP networks,
@@ -138,6 +138,27 @@ pub struct Cli {
     /// An export's own save-interval wins. A periodic save is skipped if nothing changed.
     #[arg(long, value_name = "DURATION")]
     pub save_interval: Option<String>,
+
+    /// TLS (STARTTLS): off (the default), on (offered; exports with tls=require need it) or
+    /// require (every client must start TLS before any option but ABORT). On and require need
+    /// --tls-certificates.
+    #[arg(long, value_name = "MODE")]
+    pub tls: Option<String>,
+
+    /// The TLS credentials directory, in the layout of nbdkit and qemu: server-cert.pem,
+    /// server-key.pem and (for --tls-verify-peer) ca-cert.pem. Read again on SIGHUP.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Require a client certificate signed by a CA in ca-cert.pem; its subject CN is the
+    /// client's identity.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+
+    /// TLS with pre-shared keys (identity:hexkey file): not supported by ramnbd's TLS stack;
+    /// refused at start with an explanation.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
 
     /// Log level or filter (error, warn, info, debug, trace, or a RUST_LOG-style directive).
     #[arg(long, value_name = "LEVEL")]

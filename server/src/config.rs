@@ -22,6 +22,7 @@ use crate::access::ExportAccess;
 use crate::cli::Cli;
 use crate::proto::consts::MAX_STRING;
 use crate::ramdisk::BackingKind;
+use crate::tls::{PSK_UNSUPPORTED, TlsMode};
 use value::tcp_collide;
 
 /// The default listener: loopback only, the IANA NBD port.
@@ -38,7 +39,7 @@ pub enum ConfigError {
         reason: String,
     },
     #[error(
-        "bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION][,allow=CIDR][,allow-uid=UID][,allow-gid=GID][,allow-identity=NAME][,description=TEXT])"
+        "bad export {spec:?}: {reason} (expected NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION][,tls=require][,allow=CIDR][,allow-uid=UID][,allow-gid=GID][,allow-identity=NAME][,description=TEXT])"
     )]
     ExportSpec { spec: String, reason: String },
     #[error("export name {0:?} is given twice; export names must be unique")]
@@ -106,6 +107,8 @@ pub struct ExportConfig {
     pub image: Option<PathBuf>,
     /// How often the image is saved, over [`Config::save_interval`]; zero: never periodically.
     pub save_interval: Option<Duration>,
+    /// Only clients that have started TLS may see or use it (`tls=require`).
+    pub tls_required: bool,
     /// Who may see and use the export (see [`crate::access`]).
     pub access: ExportAccess,
 }
@@ -179,6 +182,8 @@ pub struct Config {
     /// How often exports with an image save it, unless they set their own; `None` or zero:
     /// only on stop and SIGHUP.
     pub save_interval: Option<Duration>,
+    /// TLS (STARTTLS): mode and credentials.
+    pub tls: TlsConfig,
     /// The client networks that may connect over TCP at all; empty: any.
     pub allow: Vec<IpNet>,
     /// The configuration file this came from, if any.
@@ -197,6 +202,22 @@ struct Origins {
     /// Where the listeners were given as a whole, for an empty list.
     listen_section: Origin,
     metrics: Origin,
+    tls_mode: Origin,
+    tls_certificates: Origin,
+    tls_verify_peer: Origin,
+    tls_psk: Origin,
+}
+
+/// The TLS settings (see [`crate::tls`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    /// The credentials directory: `server-cert.pem`, `server-key.pem`, `ca-cert.pem`.
+    pub certificates: Option<PathBuf>,
+    /// Require client certificates, verified against `ca-cert.pem`.
+    pub verify_peer: bool,
+    /// A PSK file: refused (see [`crate::tls::PSK_UNSUPPORTED`]); kept to say so.
+    pub psk: Option<PathBuf>,
 }
 
 /// Where a value came from, so that an error about it points there.
@@ -275,6 +296,7 @@ impl Config {
                 max_memory: None,
                 image: None,
                 save_interval: None,
+                tls_required: false,
                 access: ExportAccess::default(),
             }],
             listen: vec![ListenAddr::Tcp(DEFAULT_LISTEN.to_owned())],
@@ -287,6 +309,7 @@ impl Config {
             tcp_keepalive: DEFAULT_TCP_KEEPALIVE,
             metrics: None,
             save_interval: None,
+            tls: TlsConfig::default(),
             allow: Vec::new(),
             source: None,
             origins: Origins::default(),
@@ -321,7 +344,71 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_exports()?;
         self.check_listeners()?;
-        self.check_metrics()
+        self.check_metrics()?;
+        self.check_tls()
+    }
+
+    /// TLS needs credentials, credentials need TLS, PSK is refused, and an export that requires
+    /// TLS needs a server that offers it.
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        let tls = &self.tls;
+        let origins = &self.origins;
+        if let Some(psk) = &tls.psk {
+            let shown = psk.display().to_string();
+            let subject = format!("the PSK file {shown}");
+            return Err(origins
+                .tls_psk
+                .error(&shown, &subject, "cannot be used", PSK_UNSUPPORTED));
+        }
+        let mode = tls.mode.as_str();
+        match (&tls.certificates, tls.mode) {
+            (None, TlsMode::On | TlsMode::Require) => {
+                return Err(origins.tls_mode.error(
+                    mode,
+                    &format!("tls mode {mode:?}"),
+                    "needs a certificates directory",
+                    "give one with --tls-certificates DIR or `certificates = \"DIR\"` in [tls] \
+                     (holding ca-cert.pem, server-cert.pem and server-key.pem), or set tls off",
+                ));
+            }
+            (Some(dir), TlsMode::Off) => {
+                let shown = dir.display().to_string();
+                return Err(origins.tls_certificates.error(
+                    &shown,
+                    &format!("the certificates directory {shown}"),
+                    "is given but TLS is off",
+                    "set --tls on or require (`mode = \"on\"` in [tls]), or remove it",
+                ));
+            }
+            _ => {}
+        }
+        if tls.verify_peer && tls.mode == TlsMode::Off {
+            return Err(origins.tls_verify_peer.error(
+                "true",
+                "verify-peer",
+                "is set but TLS is off",
+                "set --tls on or require (`mode = \"on\"` in [tls]), or remove it",
+            ));
+        }
+        if tls.mode == TlsMode::Off {
+            let origin = |i| self.origins.exports.get(i).unwrap_or(&Origin::Default);
+            if let Some((i, export)) = self
+                .exports
+                .iter()
+                .enumerate()
+                .find(|(_, e)| e.tls_required)
+            {
+                let name = &export.name;
+                return Err(origin(i).error(
+                    name,
+                    &format!("export {name:?}"),
+                    "requires TLS (tls=require) but TLS is off",
+                    "set --tls on or require with --tls-certificates DIR (or [tls] in the \
+                     file), or drop tls=require from the export",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_exports(&self) -> Result<(), ConfigError> {
@@ -483,6 +570,26 @@ impl Config {
         self.origins.listen_section = section;
     }
 
+    fn set_tls_mode(&mut self, mode: TlsMode, origin: Origin) {
+        self.tls.mode = mode;
+        self.origins.tls_mode = origin;
+    }
+
+    fn set_tls_certificates(&mut self, dir: PathBuf, origin: Origin) {
+        self.tls.certificates = Some(dir);
+        self.origins.tls_certificates = origin;
+    }
+
+    fn set_tls_verify_peer(&mut self, verify: bool, origin: Origin) {
+        self.tls.verify_peer = verify;
+        self.origins.tls_verify_peer = origin;
+    }
+
+    fn set_tls_psk(&mut self, file: PathBuf, origin: Origin) {
+        self.tls.psk = Some(file);
+        self.origins.tls_psk = origin;
+    }
+
     fn set_metrics(&mut self, addr: String, origin: Origin) {
         self.metrics = Some(addr);
         self.origins.metrics = origin;
@@ -498,10 +605,11 @@ impl Config {
                     .as_ref()
                     .map_or_else(String::new, |path| format!(" image {}", path.display()));
                 format!(
-                    "{:?} {}{}{image}",
+                    "{:?} {}{}{}{image}",
                     e.name,
                     format_size(e.size),
-                    if e.read_only { " ro" } else { "" }
+                    if e.read_only { " ro" } else { "" },
+                    if e.tls_required { " tls=require" } else { "" }
                 )
             })
             .collect::<Vec<_>>()
@@ -534,6 +642,7 @@ mod tests {
                 max_memory: None,
                 image: None,
                 save_interval: None,
+                tls_required: false,
                 access: ExportAccess::default(),
             }]
         );
@@ -624,5 +733,55 @@ mod tests {
                 ListenAddr::Unix("/tmp/s".into())
             ]
         );
+    }
+
+    #[test]
+    fn tls_settings_and_their_rules() {
+        let e = parse_export("s=1M,tls=require").unwrap();
+        assert!(e.tls_required);
+        let err = parse_export("s=1M,tls=on").unwrap_err().to_string();
+        assert!(err.contains("tls=require"), "{err}");
+        let c = config(&[
+            "--tls",
+            "require",
+            "--tls-certificates",
+            "/etc/x",
+            "--tls-verify-peer",
+        ])
+        .unwrap();
+        assert_eq!(c.tls.mode, TlsMode::Require);
+        assert_eq!(c.tls.certificates.as_deref(), Some(Path::new("/etc/x")));
+        assert!(c.tls.verify_peer);
+        for (args, expected) in [
+            (&["--tls", "on"][..], "needs a certificates directory"),
+            (&["--tls-certificates", "/etc/x"], "is given but TLS is off"),
+            (&["--tls-verify-peer"], "is set but TLS is off"),
+            (
+                &["-e", "a=1M,tls=require"],
+                "requires TLS (tls=require) but TLS is off",
+            ),
+            (&["--tls-psk", "/k"], "not supported"),
+            (&["--tls", "yes"], "expected off, on or require"),
+        ] {
+            let err = config(args).unwrap_err().to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+        }
+        let path = Path::new("/etc/ramnbd/ramnbd.toml");
+        let text = "[tls]\nmode = \"on\"\ncertificates = \"/etc/tls\"\n\n\
+                    [[export]]\nname = \"s\"\nsize = \"1M\"\ntls = \"require\"\n";
+        let c = file::parse(path, text).unwrap();
+        assert_eq!(c.tls.mode, TlsMode::On);
+        assert!(c.exports[0].tls_required);
+        let err = file::parse(path, "[tls]\nmode = \"on\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2:8: tls.mode") && err.contains("certificates"),
+            "{err}"
+        );
+        let err = file::parse(path, "[tls]\npsk = \"/k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls.psk") && err.contains("OpenSSL"), "{err}");
     }
 }

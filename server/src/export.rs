@@ -36,6 +36,8 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub read_only: bool,
+    /// Only clients that have started TLS may see or use it (`tls=require`).
+    pub tls_required: bool,
     /// Who may see and use it.
     pub access: ExportAccess,
     pub disk: RamDisk,
@@ -125,6 +127,7 @@ impl Export {
             name: config.name.clone(),
             description: config.description.clone(),
             read_only: config.read_only,
+            tls_required: config.tls_required,
             access: config.access.clone(),
             disk,
             adopted,

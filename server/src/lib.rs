@@ -20,6 +20,7 @@
 //! * [`logsafe`] — client-supplied text shown safely in log lines ([`logsafe::Untrusted`]).
 //! * [`metrics`] — request and connection counters, served in the Prometheus text format.
 //! * [`handover`] — handed-over connections passed to another process over a Unix socket.
+//! * [`tls`] — TLS (STARTTLS): the mode, X.509 credentials and their reload, the handshake.
 
 pub mod access;
 pub mod cli;
@@ -35,3 +36,4 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod systemd;
+pub mod tls;

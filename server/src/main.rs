@@ -18,6 +18,7 @@ use ramnbd::server::{self, ServeOptions};
 use ramnbd::session::CONNECTION_BUFFER_BYTES;
 use ramnbd::shutdown::{Phase, Shutdown};
 use ramnbd::systemd::{self, Passed};
+use ramnbd::tls::{Credentials, Tls, TlsMode};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_appender::non_blocking::WorkerGuard;
@@ -34,6 +35,14 @@ fn main() -> anyhow::Result<ExitCode> {
         Err(err) => {
             // The message already says where and how to fix it; no backtrace wanted.
             eprintln!("ramnbd: invalid configuration: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // Bad certificates refuse the start as a bad configuration does: one line, exit 1.
+    let tls = match tls_from(&config) {
+        Ok(tls) => tls,
+        Err(err) => {
+            eprintln!("ramnbd: invalid configuration: {err:#}");
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -65,7 +74,7 @@ fn main() -> anyhow::Result<ExitCode> {
         .thread_name("ramnbd")
         .build()
         .context("starting the async runtime")?
-        .block_on(run(config, passed))?;
+        .block_on(run(config, passed, tls))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -83,6 +92,23 @@ fn check_config(mut cli: Cli, file: Option<PathBuf>) -> ExitCode {
     );
     match Config::load(cli) {
         Ok(config) => {
+            if let Err(err) = tls_from(&config) {
+                eprintln!("ramnbd: invalid configuration: {err:#}");
+                return ExitCode::FAILURE;
+            }
+            let tls = match (&config.tls.certificates, config.tls.mode) {
+                (Some(dir), mode) => format!(
+                    "{} (certificates {}{})",
+                    mode.as_str(),
+                    dir.display(),
+                    if config.tls.verify_peer {
+                        ", client certificates verified"
+                    } else {
+                        ""
+                    }
+                ),
+                (None, mode) => mode.as_str().to_owned(),
+            };
             let listen: Vec<String> = config
                 .listen
                 .iter()
@@ -129,7 +155,7 @@ fn check_config(mut cli: Cli, file: Option<PathBuf>) -> ExitCode {
                  export access: {}\n  metrics: {}\n  shutdown grace: {:?}\n  \
                  connections: at most {} (per client: {per_client}), handshake timeout: {}, \
                  tcp keepalive: {keepalive}\n  memory for requests in flight: at most {} per \
-                 connection, {} for all {} (buffers are mapped, resident as used)",
+                 connection, {} for all {} (buffers are mapped, resident as used)\n  tls: {tls}",
                 config.describe_exports(),
                 listen.join(", "),
                 export_access.join(", "),
@@ -218,6 +244,45 @@ fn spawn_signal_handler(shutdown: Shutdown, hand_over: bool) -> anyhow::Result<(
     Ok(())
 }
 
+/// The TLS mode with its credentials loaded; an unusable credentials directory refuses the
+/// start (the error names the file and the fix).
+fn tls_from(config: &Config) -> anyhow::Result<Tls> {
+    match (&config.tls.certificates, config.tls.mode) {
+        (Some(dir), mode) if mode != TlsMode::Off => {
+            let credentials = Credentials::load(dir, config.tls.verify_peer)
+                .context("loading the TLS certificates")?;
+            Ok(Tls::new(mode, Arc::new(credentials)))
+        }
+        _ => Ok(Tls::off()),
+    }
+}
+
+/// SIGHUP reads the TLS certificates again (besides saving images, see `ramnbd::image`): new
+/// handshakes get the new ones, connections keep theirs; if the directory no longer loads,
+/// the old certificates stay in use and the error is logged.
+fn spawn_tls_reload(credentials: Arc<Credentials>, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {}
+                () = shutdown.reached(Phase::Stopping) => return,
+            }
+            match credentials.reload() {
+                Ok(()) => tracing::info!(
+                    certificates = %credentials.dir().display(),
+                    "SIGHUP received: TLS certificates reloaded; new connections use them"
+                ),
+                Err(err) => tracing::error!(
+                    "SIGHUP received: TLS certificates not reloaded, the previous ones stay in \
+                     use: {err}"
+                ),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// One log line with what the exports hold and the cap, so RAM use is visible without metrics.
 fn log_memory(exports: &Exports, what: &str) {
     let (held, cap) = exports.memory_usage();
@@ -227,7 +292,7 @@ fn log_memory(exports: &Exports, what: &str) {
     }
 }
 
-async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
+async fn run(config: Config, passed: Passed, tls: Tls) -> anyhow::Result<()> {
     let Passed {
         listeners: inherited,
         mut stored,
@@ -246,6 +311,15 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
     spawn_signal_handler(shutdown.clone(), fd_store)?;
     if let Some(path) = &config.source {
         tracing::info!(config = %path.display(), "configuration loaded");
+    }
+    if let Some(credentials) = &tls.credentials {
+        tracing::info!(
+            mode = tls.mode.as_str(),
+            certificates = %credentials.dir().display(),
+            verify_peer = credentials.verify_peer(),
+            "TLS ready"
+        );
+        spawn_tls_reload(Arc::clone(credentials), shutdown.clone())?;
     }
     // Under a service manager the disks live in its fd store, so that they outlive this
     // process (a restart, an upgrade, a crash); `systemctl stop` releases them.
@@ -349,6 +423,7 @@ async fn run(config: Config, passed: Passed) -> anyhow::Result<()> {
         allow: config.allow.clone(),
         shutdown_grace: config.shutdown_grace,
         metrics,
+        tls,
     };
     let parked = server::serve_adopting(
         listeners,

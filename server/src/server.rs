@@ -25,9 +25,10 @@ use crate::access::{Peer, PeerKind, ServerAccess};
 use crate::config::ListenAddr;
 use crate::export::Exports;
 use crate::metrics::Metrics;
-use crate::session::{self, HandedOver, MAX_PENDING, Suspended};
+use crate::session::{self, HandedOver, HandshakeOptions, MAX_PENDING, Suspended};
 use crate::shutdown::{self, CLOSE_FLUSH, Phase, Shutdown};
 use crate::systemd::{self, CONN_PREFIX, Inherited, InheritedSocket, STATE_NAME, StoredConnection};
+use crate::tls::Tls;
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -167,6 +168,8 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Where requests and connections are counted; `None` when metrics are off.
     pub metrics: Option<Arc<Metrics>>,
+    /// STARTTLS: the mode and credentials ([`Tls::off`]: none).
+    pub tls: Tls,
 }
 
 /// File descriptors a server needs beyond one per connection: listeners, the metrics
@@ -265,6 +268,7 @@ pub async fn serve_adopting(
             metrics: options.metrics.clone(),
             handed_over: Arc::clone(&handed_over),
             handshake_timeout: options.handshake_timeout,
+            tls: options.tls.clone(),
         };
         let span = tracing::info_span!("conn", peer = "adopted", export = tracing::field::Empty);
         tracker.spawn(
@@ -291,6 +295,7 @@ pub async fn serve_adopting(
                 metrics: options.metrics.clone(),
                 handed_over: Arc::clone(&handed_over),
                 handshake_timeout: options.handshake_timeout,
+                tls: options.tls.clone(),
             },
         );
         accepting.spawn(accept);
@@ -355,6 +360,7 @@ struct Session {
     metrics: Option<Arc<Metrics>>,
     handed_over: HandedOverList,
     handshake_timeout: Option<Duration>,
+    tls: Tls,
 }
 
 /// How a session task begins.
@@ -440,6 +446,7 @@ where
         shutdown,
         metrics,
         handshake_timeout,
+        tls,
         ..
     } = session;
     match state {
@@ -448,7 +455,10 @@ where
                 reader,
                 writer,
                 peer,
-                handshake_timeout,
+                &HandshakeOptions {
+                    deadline: handshake_timeout,
+                    tls,
+                },
                 exports,
                 shutdown,
                 metrics,

@@ -139,6 +139,7 @@ impl Shutdown {
         PhaseWatch {
             shutdown: self.clone(),
             seen: self.phase(),
+            suspendable: true,
         }
     }
 }
@@ -148,6 +149,8 @@ impl Shutdown {
 pub struct PhaseWatch {
     shutdown: Shutdown,
     seen: Phase,
+    /// False for a session that cannot be handed over (TLS): a hand-over is a stop for it.
+    suspendable: bool,
 }
 
 impl PhaseWatch {
@@ -159,7 +162,14 @@ impl PhaseWatch {
     /// Whether the stop is a hand-over (see [`Shutdown::hand_over`]). Once the watch has seen
     /// Stopping, one atomic load; always false while running.
     pub fn handing_over(&self) -> bool {
-        self.seen >= Phase::Stopping && self.shutdown.handing_over()
+        self.suspendable && self.seen >= Phase::Stopping && self.shutdown.handing_over()
+    }
+
+    /// For a session whose stream cannot be passed on (TLS: its keys live in this process):
+    /// a hand-over then stops it as a plain stop does, requests in flight finished and the
+    /// connection closed.
+    pub fn forbid_hand_over(&mut self) {
+        self.suspendable = false;
     }
 
     /// Catches up with the server's phase (one atomic load) and returns it.

@@ -28,7 +28,7 @@ pub const DEFAULT_PATH: &str = "/etc/ramnbd/ramnbd.toml";
 
 // The keys each table allows, in the order that errors list them.
 const SECTIONS: &[&str] = &[
-    "listen", "export", "memory", "logging", "metrics", "server", "access",
+    "listen", "export", "memory", "logging", "metrics", "server", "access", "tls",
 ];
 const ACCESS_KEYS: &[&str] = &["allow"];
 const LISTEN_KEYS: &[&str] = &["tcp", "unix"];
@@ -40,6 +40,7 @@ const EXPORT_KEYS: &[&str] = &[
     "max-memory",
     "image",
     "save-interval",
+    "tls",
     "allow",
     "allow-uid",
     "allow-gid",
@@ -47,6 +48,7 @@ const EXPORT_KEYS: &[&str] = &[
 ];
 const MEMORY_KEYS: &[&str] = &["max-memory", "mlock", "hugepages", "backing"];
 const LOGGING_KEYS: &[&str] = &["level"];
+const TLS_KEYS: &[&str] = &["mode", "certificates", "verify-peer", "psk"];
 const METRICS_KEYS: &[&str] = &["listen"];
 const SERVER_KEYS: &[&str] = &[
     "max-connections",
@@ -73,6 +75,10 @@ const DURATION_FIX: &str = "write a duration such as \"10s\", \"500ms\" or \"1m3
 const BACKING_FIX: &str = "use \"anonymous\" (memory that dies with the process), \"memfd\" \
                            (memory a service manager can keep across restarts) or \"auto\" \
                            (memfd under a service manager, the default)";
+const TLS_MODE_FIX: &str = "use \"off\" (no TLS, the default), \"on\" (offered; exports \
+                            with tls = \"require\" need it) or \"require\" (every client)";
+const EXPORT_TLS_FIX: &str = "use tls = \"require\" (only TLS clients may see and use the \
+                              export), or leave the key out";
 const LOG_FIX: &str = "use error, warn, info, debug or trace, or a RUST_LOG-style filter such \
                        as \"info,ramnbd=debug\"";
 
@@ -180,6 +186,28 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         config.save_interval = server.optional("save-interval", Item::duration)?;
     }
+    if let Some(tls) = root.get("tls") {
+        let tls = tls.table(TLS_KEYS)?;
+        if let Some(mode) = tls.get("mode") {
+            let text = mode.string()?;
+            let parsed = crate::tls::TlsMode::parse(text)
+                .map_err(|reason| mode.error(&reason, TLS_MODE_FIX))?;
+            config.set_tls_mode(parsed, mode.origin());
+        }
+        if let Some(dir) = tls.get("certificates") {
+            let path =
+                dir.path("give the certificates directory's path, such as \"/etc/ramnbd/tls\"")?;
+            config.set_tls_certificates(path, dir.origin());
+        }
+        if let Some(verify) = tls.get("verify-peer") {
+            let value = verify.boolean()?;
+            config.set_tls_verify_peer(value, verify.origin());
+        }
+        if let Some(psk) = tls.get("psk") {
+            let path = psk.path("give the PSK file's path")?;
+            config.set_tls_psk(path, psk.origin());
+        }
+    }
     if let Some(access) = root.get("access") {
         let access = access.table(ACCESS_KEYS)?;
         if let Some(allow) = access.get("allow") {
@@ -203,8 +231,19 @@ fn export(item: &Item<'_>) -> Result<(ExportConfig, Origin), ConfigError> {
             .unwrap_or("")
             .to_owned(),
         max_memory: table.optional("max-memory", Item::size)?,
-        image: table.optional("image", Item::path)?,
+        image: table.optional("image", Item::image_path)?,
         save_interval: table.optional("save-interval", Item::duration)?,
+        tls_required: match table.get("tls") {
+            None => false,
+            Some(tls) => match tls.string()? {
+                "require" => true,
+                other => {
+                    let message =
+                        format!("tls {other:?}: the only per-export setting is \"require\"");
+                    return Err(tls.error(&message, EXPORT_TLS_FIX));
+                }
+            },
+        },
         access: ExportAccess {
             networks: table.list("allow", Item::network)?,
             uids: table.list("allow-uid", Item::id)?,
@@ -435,13 +474,15 @@ impl<'a> Item<'a> {
             .map_err(|reason| self.error(&format!("bad duration {text:?}: {reason}"), DURATION_FIX))
     }
 
-    /// A file path: a non-empty string.
-    fn path(&self) -> Result<std::path::PathBuf, ConfigError> {
+    /// An image file's path: a non-empty string.
+    fn image_path(&self) -> Result<std::path::PathBuf, ConfigError> {
+        self.path("give the image file's path, such as \"/var/lib/ramnbd/disk.img\"")
+    }
+
+    /// A path: a non-empty string; `fix` says what to give when it is empty.
+    fn path(&self, fix: &str) -> Result<std::path::PathBuf, ConfigError> {
         match self.string()? {
-            "" => Err(self.error(
-                "is empty",
-                "give the image file's path, such as \"/var/lib/ramnbd/disk.img\"",
-            )),
+            "" => Err(self.error("is empty", fix)),
             path => Ok(path.into()),
         }
     }

@@ -6,6 +6,7 @@ use super::value::{check_host_port, check_log_level, parse_backing, parse_durati
 use super::{Config, ConfigError, ExportConfig, ListenAddr, Origin};
 use crate::access::{self, ExportAccess};
 use crate::cli::Cli;
+use crate::tls::TlsMode;
 
 impl Config {
     /// Applies command-line flags over `self`, then validates the result. Export flags
@@ -98,6 +99,19 @@ impl Config {
                 .map_err(|reason| flag_error("--save-interval", text, reason))?;
             self.save_interval = Some(interval);
         }
+        if let Some(text) = &cli.tls {
+            let mode = TlsMode::parse(text).map_err(|reason| flag_error("--tls", text, reason))?;
+            self.set_tls_mode(mode, Origin::Flag("--tls"));
+        }
+        if let Some(dir) = cli.tls_certificates {
+            self.set_tls_certificates(dir, Origin::Flag("--tls-certificates"));
+        }
+        if cli.tls_verify_peer {
+            self.set_tls_verify_peer(true, Origin::Flag("--tls-verify-peer"));
+        }
+        if let Some(file) = cli.tls_psk {
+            self.set_tls_psk(file, Origin::Flag("--tls-psk"));
+        }
         if !cli.allow.is_empty() {
             self.allow = cli
                 .allow
@@ -139,7 +153,7 @@ fn flag_error(flag: &'static str, value: &str, reason: String) -> ConfigError {
 }
 
 /// Parses `NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
-/// [,allow=CIDR]...[,allow-uid=UID]...[,allow-gid=GID]...[,allow-identity=NAME]...
+/// [,tls=require][,allow=CIDR]...[,allow-uid=UID]...[,allow-gid=GID]...[,allow-identity=NAME]...
 /// [,description=TEXT]`. The access options repeat; see [`crate::access`].
 pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::ExportSpec {
@@ -164,6 +178,7 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
     let mut max_memory = None;
     let mut image = None;
     let mut save_interval = None;
+    let mut tls_required = false;
     let mut access = ExportAccess::default();
     for option in parts {
         match option.split_once('=') {
@@ -179,6 +194,12 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
                 let interval = parse_duration(value)
                     .map_err(|reason| bad(&format!("save-interval {value:?}: {reason}")))?;
                 save_interval = Some(interval);
+            }
+            Some(("tls", "require")) => tls_required = true,
+            Some(("tls", value)) => {
+                return Err(bad(&format!(
+                    "tls={value:?}: the only per-export TLS setting is tls=require"
+                )));
             }
             Some(("allow", value)) => access.networks.push(
                 access::parse_network(value)
@@ -208,6 +229,7 @@ pub fn parse_export(spec: &str) -> Result<ExportConfig, ConfigError> {
         max_memory,
         image,
         save_interval,
+        tls_required,
         access,
     })
 }

@@ -1,5 +1,13 @@
 //! The handshake: fixed newstyle with NO_ZEROES, then options until the client picks an export
-//! (GO or EXPORT_NAME) or leaves.
+//! (GO or EXPORT_NAME), leaves, or starts TLS (STARTTLS: the caller upgrades the stream and
+//! runs [`options`] again over TLS, with the state [`State::secured`] reset).
+//!
+//! TLS modes (spec, "TLS"): with TLS off STARTTLS gets `ERR_POLICY` (NOTLS). With
+//! `require`, before TLS every option but STARTTLS and ABORT gets `ERR_TLS_REQD` and
+//! EXPORT_NAME closes the connection (FORCEDTLS). With `on`, exports marked `tls=require` are
+//! hidden from LIST before TLS, INFO and GO for them get `ERR_TLS_REQD` and EXPORT_NAME for
+//! them closes (SELECTIVETLS). The TLS requirement is judged before the export's access rules
+//! (the spec's MUST for INFO/GO); both hide an export from LIST.
 
 use std::io;
 use std::sync::Arc;
@@ -14,6 +22,7 @@ use crate::proto::consts::*;
 use crate::proto::handshake::{self, option_reply};
 use crate::proto::transmission::ReplyMode;
 use crate::shutdown::{DRAIN_IDLE, Phase, PhaseWatch};
+use crate::tls::{Established, TlsMode};
 
 /// The id this server gives `base:allocation` in SET_META_CONTEXT.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -28,6 +37,11 @@ pub struct Negotiated {
     pub capabilities: Capabilities,
     /// The id of `base:allocation`, if the client selected it for this export.
     pub base_allocation: Option<u32>,
+    /// The connection runs over TLS: replies are flushed through the TLS layer after each
+    /// write, and it cannot be handed over.
+    pub secured: bool,
+    /// The verified client certificate's subject CN (see [`crate::tls`]).
+    pub tls_identity: Option<String>,
 }
 
 impl Negotiated {
@@ -47,9 +61,10 @@ impl Negotiated {
 /// (unknown or refused exports, malformed requests) must not flood the log.
 pub const PROVOKED_LINES: u32 = 16;
 
-/// The per-connection budget of log lines the client's options provoke.
+/// The per-connection budget of log lines the client's options provoke (before and after
+/// STARTTLS together).
 #[derive(Debug, Default)]
-struct ClientLog {
+pub struct ClientLog {
     logged: u32,
     suppressed: u64,
 }
@@ -67,7 +82,7 @@ impl ClientLog {
     }
 
     /// The summary line, if lines were suppressed.
-    fn finish(&self) {
+    pub fn finish(&self) {
         if self.suppressed > 0 {
             tracing::info!(
                 suppressed = self.suppressed,
@@ -81,16 +96,64 @@ impl ClientLog {
 
 /// Option-phase state that later options change.
 #[derive(Debug, Default)]
-struct State {
+pub struct State {
     fixed_newstyle: bool,
     no_zeroes: bool,
     structured: bool,
     extended: bool,
     /// Export for which SET_META_CONTEXT selected base:allocation.
     meta_export: Option<String>,
+    /// The server's TLS mode for this connection.
+    tls_mode: TlsMode,
+    /// What STARTTLS established; `None` before TLS.
+    tls: Option<Established>,
+}
+
+/// How the option phase ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The client aborted, broke a rule that ends the connection, or the server is stopping.
+    Close,
+    Transmit(Negotiated),
+    /// STARTTLS was acknowledged: the next bytes are the client's TLS handshake.
+    StartTls,
 }
 
 impl State {
+    /// Sets the TLS mode the options are judged by.
+    pub fn with_tls_mode(mut self, mode: TlsMode) -> State {
+        self.tls_mode = mode;
+        self
+    }
+
+    /// After the TLS handshake: everything negotiated before is forgotten (the spec's MUST),
+    /// but the handshake flags stay. (The caller puts the identity in
+    /// [`Peer::tls_identity`], which the exports' `allow-identity` rules match.)
+    pub fn secured(self, established: Established) -> State {
+        State {
+            fixed_newstyle: self.fixed_newstyle,
+            no_zeroes: self.no_zeroes,
+            tls_mode: self.tls_mode,
+            tls: Some(established),
+            ..State::default()
+        }
+    }
+
+    /// The verified client certificate's identity (subject CN), once TLS is established.
+    pub fn tls_identity(&self) -> Option<&str> {
+        self.tls.as_ref()?.identity.as_deref()
+    }
+
+    /// Before STARTTLS with TLS required for everything (FORCEDTLS).
+    fn tls_forced(&self) -> bool {
+        self.tls.is_none() && self.tls_mode == TlsMode::Require
+    }
+
+    /// Whether `export` may not be used yet because it needs TLS and this is not TLS.
+    fn needs_tls(&self, export: &Export) -> bool {
+        self.tls.is_none() && export.tls_required
+    }
+
     /// What `export` offers with the reply format negotiated so far: the same value gives the
     /// flags INFO, GO and EXPORT_NAME advertise and the command flags transmission accepts.
     fn capabilities(&self, export: &Export) -> Capabilities {
@@ -98,41 +161,13 @@ impl State {
     }
 }
 
-/// Runs the handshake. `Ok(None)`: the client aborted or broke a rule that ends the
-/// connection (both logged), or the server is stopping.
-///
-/// Once the server is stopping, every option gets `NBD_REP_ERR_SHUTDOWN` ("the server is
-/// unwilling to continue negotiation as it is in the process of being shut down"), ABORT its
-/// ACK, and the connection closes when the client goes quiet, or when closing begins.
-///
-/// `peer` is who the exports' access rules judge: an export it may not use is left out of
-/// LIST and refused with `NBD_REP_ERR_POLICY` (EXPORT_NAME: closed) before anything about it
-/// is revealed or opened.
-pub async fn negotiate<R, W>(
+/// Sends the greeting and reads the client's flags: the state to run [`options`] with, or
+/// `None` if the connection is to close (logged).
+pub async fn greet<R, W>(
     reader: &mut R,
     writer: &mut W,
-    exports: &Exports,
-    peer: &mut Peer,
     watch: &mut PhaseWatch,
-) -> io::Result<Option<Negotiated>>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut log = ClientLog::default();
-    let negotiated = options(reader, writer, exports, peer, watch, &mut log).await;
-    log.finish();
-    negotiated
-}
-
-async fn options<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    exports: &Exports,
-    peer: &mut Peer,
-    watch: &mut PhaseWatch,
-    log: &mut ClientLog,
-) -> io::Result<Option<Negotiated>>
+) -> io::Result<Option<State>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -154,25 +189,74 @@ where
         tracing::info!(client_flags, "client sent unknown handshake flags, closing");
         return Ok(None);
     }
-    let mut state = State {
+    Ok(Some(State {
         fixed_newstyle: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         ..State::default()
-    };
+    }))
+}
 
+/// Runs the handshake without TLS: [`greet`], then [`options`]; `Ok(None)` where the
+/// connection is to close. For tests that drive negotiation and transmission apart.
+#[cfg(test)]
+pub async fn negotiate<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &Exports,
+    peer: &mut Peer,
+    watch: &mut PhaseWatch,
+) -> io::Result<Option<Negotiated>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(mut state) = greet(reader, writer, watch).await? else {
+        return Ok(None);
+    };
+    let mut log = ClientLog::default();
+    let outcome = options(reader, writer, exports, peer, watch, &mut state, &mut log).await;
+    log.finish();
+    match outcome? {
+        Outcome::Transmit(negotiated) => Ok(Some(negotiated)),
+        Outcome::Close | Outcome::StartTls => Ok(None),
+    }
+}
+
+/// Reads and answers options until the client picks an export, leaves, or starts TLS.
+///
+/// Once the server is stopping, every option gets `NBD_REP_ERR_SHUTDOWN` ("the server is
+/// unwilling to continue negotiation as it is in the process of being shut down"), ABORT its
+/// ACK, and the connection closes when the client goes quiet, or when closing begins.
+///
+/// `peer` is who the exports' access rules judge: an export it may not use is left out of
+/// LIST and refused with `NBD_REP_ERR_POLICY` (EXPORT_NAME: closed) before anything about it
+/// is revealed or opened. `log`: the connection's budget of provoked log lines.
+pub async fn options<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &Exports,
+    peer: &mut Peer,
+    watch: &mut PhaseWatch,
+    state: &mut State,
+    log: &mut ClientLog,
+) -> io::Result<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut out = Vec::new();
     loop {
         let mut header = [0u8; 16];
         if !read_watching(reader, &mut header, watch).await? {
             tracing::debug!("server stopping, client quiet: closing the handshake");
-            return Ok(None);
+            return Ok(Outcome::Close);
         }
         let magic = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
         let option = u32::from_be_bytes(header[8..12].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(header[12..].try_into().expect("4 bytes"));
         if magic != IHAVEOPT {
             tracing::info!(magic, "bad option magic, closing");
-            return Ok(None);
+            return Ok(Outcome::Close);
         }
         if !state.fixed_newstyle && option != OPT_EXPORT_NAME {
             // Plain newstyle clients may only send EXPORT_NAME, and cannot read error replies.
@@ -180,12 +264,12 @@ where
                 option,
                 "non-fixed-newstyle client sent an option other than EXPORT_NAME"
             );
-            return Ok(None);
+            return Ok(Outcome::Close);
         }
         if len > MAX_OPTION_DATA {
             if option == OPT_EXPORT_NAME {
                 tracing::info!(len, "EXPORT_NAME longer than any name, closing");
-                return Ok(None);
+                return Ok(Outcome::Close);
             }
             // Drain without buffering so the option stream stays in sync.
             let mut scratch = [0u8; 4096];
@@ -193,7 +277,7 @@ where
             while left > 0 {
                 let n = left.min(scratch.len());
                 if !read_watching(reader, &mut scratch[..n], watch).await? {
-                    return Ok(None);
+                    return Ok(Outcome::Close);
                 }
                 left -= n;
             }
@@ -204,7 +288,7 @@ where
         }
         let mut data = vec![0u8; len as usize];
         if !read_watching(reader, &mut data, watch).await? {
-            return Ok(None);
+            return Ok(Outcome::Close);
         }
         tracing::debug!(option, len, "option");
 
@@ -212,21 +296,27 @@ where
         let step = if watch.refresh() >= Phase::Stopping {
             refuse_option(option, &mut out)
         } else {
-            handle_option(option, &data, &mut state, exports, peer, log, &mut out)
+            handle_option(option, &data, state, exports, peer, log, &mut out)
         };
         writer.write_all(&out).await?;
         match step {
             Step::Continue => {}
-            Step::Close => return Ok(None),
+            Step::Close => return Ok(Outcome::Close),
+            Step::StartTls => {
+                writer.flush().await?;
+                return Ok(Outcome::StartTls);
+            }
             Step::Transmit(export) => {
                 let base_allocation = (state.meta_export.as_deref() == Some(export.name.as_str()))
                     .then_some(BASE_ALLOCATION_ID);
-                return Ok(Some(Negotiated {
+                return Ok(Outcome::Transmit(Negotiated {
                     capabilities: state.capabilities(&export),
                     export,
                     structured: state.structured || state.extended,
                     extended: state.extended,
                     base_allocation,
+                    secured: state.tls.is_some(),
+                    tls_identity: state.tls_identity().map(str::to_owned),
                 }));
             }
         }
@@ -237,6 +327,7 @@ enum Step {
     Continue,
     Close,
     Transmit(Arc<Export>),
+    StartTls,
 }
 
 /// Fills `buf` from the client, following the shutdown phases. While the server runs it waits
@@ -317,6 +408,25 @@ fn handle_option(
         option_reply(out, option, kind, message.as_bytes());
         Step::Continue
     };
+    if state.tls_forced() && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+        // FORCEDTLS: nothing is revealed or chosen before TLS.
+        let op = option_name(option);
+        if option == OPT_EXPORT_NAME {
+            // No error path exists for EXPORT_NAME: the spec says to terminate.
+            if log.admit() {
+                tracing::info!(op, "TLS required: EXPORT_NAME before STARTTLS, closing");
+            }
+            return Step::Close;
+        }
+        if log.admit() {
+            tracing::info!(op, "TLS required: option before STARTTLS refused");
+        }
+        return error(
+            out,
+            REP_ERR_TLS_REQD,
+            "TLS is required: send STARTTLS first",
+        );
+    }
     match option {
         OPT_EXPORT_NAME => {
             if state.extended {
@@ -331,6 +441,13 @@ fn handle_option(
                 tracing::info!(name = %Untrusted::bytes(data), "unknown export, closing");
                 return Step::Close;
             };
+            if state.needs_tls(export) {
+                if log.admit() {
+                    let name = Untrusted::text(&export.name);
+                    tracing::info!(op = "EXPORT_NAME", %name, "export requires TLS, closing");
+                }
+                return Step::Close;
+            }
             // EXPORT_NAME has no error reply either.
             if refused("EXPORT_NAME", export, log) {
                 return Step::Close;
@@ -351,15 +468,33 @@ fn handle_option(
             if !data.is_empty() {
                 return error(out, REP_ERR_INVALID, "LIST takes no data");
             }
-            // Only what this peer may use: the others are not revealed.
-            for export in exports.iter().filter(|e| e.access.check(peer).is_ok()) {
+            // Only what this peer may use: the others are not revealed, and neither are
+            // exports that need TLS before TLS is up (SELECTIVETLS allows hiding them).
+            let shown = |e: &&Arc<Export>| !state.needs_tls(e) && e.access.check(peer).is_ok();
+            for export in exports.iter().filter(shown) {
                 let entry = handshake::server_entry(&export.name, &export.description);
                 option_reply(out, option, REP_SERVER, &entry);
             }
             option_reply(out, option, REP_ACK, &[]);
             Step::Continue
         }
-        OPT_STARTTLS => error(out, REP_ERR_POLICY, "TLS is not available on this server"),
+        OPT_STARTTLS => {
+            if state.tls_mode == TlsMode::Off {
+                // NOTLS: never ERR_TLS_REQD.
+                return error(out, REP_ERR_POLICY, "TLS is not available on this server");
+            }
+            if !data.is_empty() {
+                return error(out, REP_ERR_INVALID, "STARTTLS takes no data");
+            }
+            if state.tls.is_some() {
+                if log.admit() {
+                    tracing::info!("STARTTLS over TLS refused");
+                }
+                return error(out, REP_ERR_INVALID, "TLS is already established");
+            }
+            option_reply(out, option, REP_ACK, &[]);
+            Step::StartTls
+        }
         OPT_INFO | OPT_GO => {
             let op = if option == OPT_GO { "GO" } else { "INFO" };
             let request = match handshake::parse_info_request(data) {
@@ -379,6 +514,17 @@ fn handle_option(
                 }
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
             };
+            if state.needs_tls(export) {
+                if log.admit() {
+                    let name = Untrusted::text(&export.name);
+                    tracing::info!(op, %name, "export requires TLS: refused before STARTTLS");
+                }
+                return error(
+                    out,
+                    REP_ERR_TLS_REQD,
+                    "this export requires TLS: use STARTTLS",
+                );
+            }
             if refused(op, export, log) {
                 return error(out, REP_ERR_POLICY, "access to this export is not allowed");
             }
@@ -453,7 +599,8 @@ fn handle_option(
                     return error(out, REP_ERR_INVALID, err.0);
                 }
             };
-            let Some(export) = exports.get(&request.export) else {
+            // An export that needs TLS is hidden before TLS, as in LIST.
+            let Some(export) = exports.get(&request.export).filter(|e| !state.needs_tls(e)) else {
                 let name = Untrusted::text(&request.export);
                 tracing::debug!(op, %name, "unknown export, refused");
                 return error(out, REP_ERR_UNKNOWN, "no export by that name");
@@ -477,5 +624,22 @@ fn handle_option(
             Step::Continue
         }
         _ => error(out, REP_ERR_UNSUP, "option not supported"),
+    }
+}
+
+/// An option's name for log lines.
+fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "EXPORT_NAME",
+        OPT_ABORT => "ABORT",
+        OPT_LIST => "LIST",
+        OPT_STARTTLS => "STARTTLS",
+        OPT_INFO => "INFO",
+        OPT_GO => "GO",
+        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
+        OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
+        _ => "unknown",
     }
 }

@@ -146,6 +146,9 @@ impl Suspended {
             extended: self.extended,
             capabilities,
             base_allocation: self.base_allocation,
+            // TLS connections are never handed over (see `crate::session`).
+            secured: false,
+            tls_identity: None,
         })
     }
 

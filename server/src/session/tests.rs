@@ -978,6 +978,7 @@ async fn the_server_collects_suspended_connections_and_a_second_one_adopts_them(
         allow: Vec::new(),
         shutdown_grace: Duration::from_secs(5),
         metrics: None,
+        tls: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

@@ -172,6 +172,19 @@ struct Connection<'a> {
     unsent_meters: VecDeque<Meter>,
 }
 
+/// Writes some of `unsent` if `write`, else flushes (what a TLS layer holds back).
+async fn send<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    unsent: &[u8],
+    write: bool,
+) -> io::Result<usize> {
+    if write {
+        writer.write(unsent).await
+    } else {
+        writer.flush().await.map(|()| 0)
+    }
+}
+
 /// Runs the transmission phase until the client leaves, the stream breaks, shutdown closes it
 /// or a hand-over suspends it: then the stream and its state come back. `pending`: bytes
 /// received before this call (a resumed session's), executed before anything is read.
@@ -214,6 +227,11 @@ where
         conn.received_at = Some(Instant::now());
     }
     let mut end_of_input = false;
+    // Over TLS a write may leave records in the TLS layer when the socket is full, reported as
+    // written; they are flushed before the loop waits on anything else. Plain sockets hold
+    // nothing back, so this stays false for them.
+    let flush_writes = negotiated.secured;
+    let mut unflushed = false;
     loop {
         // The phase is read at every turn (one atomic load), not only when `changed` wakes
         // the loop: the select below prefers I/O, so a client that never pauses would
@@ -290,7 +308,15 @@ where
                     }
                 }
             }
-            written = writer.write(conn.output.unsent()), if unsent => conn.sent(written?),
+            written = send(&mut writer, conn.output.unsent(), unsent), if unsent || unflushed => {
+                let written = written?;
+                if unsent {
+                    conn.sent(written);
+                    unflushed = flush_writes;
+                } else {
+                    unflushed = false;
+                }
+            }
             // The loop's top applies the new phase.
             () = watch.changed() => {}
             // In an async block so the timer (and its clock read) is only made when this
