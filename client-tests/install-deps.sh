@@ -20,11 +20,15 @@
 #   procps util-linux mount iproute2   pgrep/ps, losetup/blkdiscard/prlimit/setpriv, mount, ss
 #   systemd                 systemd-analyze verify and systemd-socket-activate (unit tests)
 #   binutils                strip, to shrink the binary copied into the systemd VM
+#   lintian                 checks the Debian package (client-tests/package/run.sh)
+#   prometheus              promtool: checks and unit-tests the alert rules (it also installs
+#                           Prometheus itself, which its package starts where systemd runs)
+#   man-db                  renders the man pages the package ships
 set -euo pipefail
 
 packages=(nbd-client libnbd-bin python3-libnbd qemu-utils qemu-system-x86 busybox-static fio
           fuse3 e2fsprogs xfsprogs btrfs-progs socat nbdkit debootstrap cpio xz-utils zstd
-          procps util-linux mount iproute2 systemd binutils curl)
+          procps util-linux mount iproute2 systemd binutils curl lintian prometheus man-db)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -34,7 +34,7 @@ const VERIFY: [&str; 6] = [
 fn stage_units(dir: &Path) {
     for unit in UNITS {
         let text = fs::read_to_string(workspace_root().join("systemd").join(unit)).unwrap();
-        let text = text.replace("/usr/local/bin/ramnbd", ramnbd_bin().to_str().unwrap());
+        let text = text.replace("/usr/bin/ramnbd", ramnbd_bin().to_str().unwrap());
         fs::write(dir.join(unit), text).unwrap();
     }
 }
