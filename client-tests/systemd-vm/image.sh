@@ -28,7 +28,10 @@ log() { echo "systemd-vm: $*" >&2; }
 #              systemctl does not (as root it uses /run/systemd/private)
 #   nbd-client, e2fsprogs   the attach and mkfs units under test
 #   procps, iproute2        ps/pgrep and ss for the job's checks
-PACKAGES=systemd,systemd-sysv,udev,kmod,dbus,nbd-client,e2fsprogs,procps,iproute2
+#   man-db                  `man 8 ramnbd` from the installed package (man-db pulls in groff)
+# The ramnbd package is installed from its .deb with apt, offline: its Depends (libc6) and
+# Recommends (nbd-client) are all here.
+PACKAGES=systemd,systemd-sysv,udev,kmod,dbus,nbd-client,e2fsprogs,procps,iproute2,man-db
 # Kernel modules in the root file system (their depends= closure is added), and in the
 # initramfs (enough to mount the root disk).
 ROOT_MODULES=(nbd ext4 crc32c_generic crc32c_intel autofs4 virtio_pci virtio_blk)
