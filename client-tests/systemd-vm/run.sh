@@ -15,7 +15,7 @@
 # Environment:
 #   SDVM_DEB       the package to test (default: target/debian/ramnbd_*.deb, which
 #                  client-tests/package/run.sh or `cargo deb -p ramnbd` builds)
-#   SDVM_TIMEOUT   hard limit for the VM in seconds (default 360)
+#   SDVM_TIMEOUT   hard limit for each VM boot in seconds (default 480)
 #   SDVM_KEEP_LOG  keep the console log here (default: client-tests/.cache/systemd-vm/console.log)
 # Needs root, qemu-system-x86, debootstrap, busybox-static (also for cpio), e2fsprogs; a missing
 # one is a FAIL. The image is built on first use (see image.sh) and cached. The VM itself is
@@ -30,7 +30,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=../lib/vm.sh
 . "$HERE/../lib/vm.sh"
 OUT=$REPO/client-tests/.cache/systemd-vm
-LIMIT=${SDVM_TIMEOUT:-360}
+LIMIT=${SDVM_TIMEOUT:-480}
 LOG=${SDVM_KEEP_LOG:-$OUT/console.log}
 T0=$SECONDS
 say() { echo "systemd-vm: $*"; }

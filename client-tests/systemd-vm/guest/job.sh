@@ -102,7 +102,7 @@ systemd-analyze log-level debug
 # the image).
 cat >/tmp/install_package <<'SCRIPT'
 #!/bin/sh
-DEBIAN_FRONTEND=noninteractive exec apt-get install -y -q --no-download "$1" </dev/null
+DEBIAN_FRONTEND=noninteractive exec apt-get install -y -q "$1" </dev/null
 SCRIPT
 chmod 755 /tmp/install_package
 cp "$S/ramnbd.deb" /tmp/ramnbd.deb
@@ -376,9 +376,14 @@ journal_warning() {
         n=$((n + 1))
     done
     grep -E "^    (PRIORITY|MESSAGE|EXPORT|PEER|COMMAND|ERRNO|OFFSET|SYSLOG_IDENTIFIER)=" /tmp/warn.txt | cut -c1-200
-    grep -q "memory cap reached" /tmp/warn.txt && grep -qx "    PRIORITY=4" /tmp/warn.txt &&
+    if grep -q "memory cap reached" /tmp/warn.txt && grep -qx "    PRIORITY=4" /tmp/warn.txt &&
         grep -qx "    EXPORT=scratch" /tmp/warn.txt && grep -qx "    COMMAND=write" /tmp/warn.txt &&
-        grep -q "^    PEER=." /tmp/warn.txt && grep -qx "    SYSLOG_IDENTIFIER=ramnbd" /tmp/warn.txt
+        grep -q "^    PEER=." /tmp/warn.txt && grep -qx "    SYSLOG_IDENTIFIER=ramnbd" /tmp/warn.txt; then
+        return 0
+    fi
+    echo "dd: $(cat /tmp/dd.err)"
+    journalctl -u ramnbd --after-cursor="$PKG_CURSOR" -o verbose | grep -E "^    (PRIORITY|MESSAGE)=" | tail -n 30 | cut -c1-200
+    return 1
 }
 check "journalctl -u ramnbd -p warning: the warning with PRIORITY=4, EXPORT, PEER, COMMAND" journal_warning
 check "journalctl EXPORT=scratch -p warning selects it; once for the connection, not per write" \

@@ -51,9 +51,10 @@ echo "systemd-vm job: images across a reboot, boot $BOOT, kernel $(uname -r)"
 [ $BOOT = 1 ] && mkfs.ext4 -q -L sdvm-state /dev/vdb
 check "mount the persistent disk at $STATE" \
     sh -c "mkdir -p $STATE && mount /dev/vdb $STATE && chmod 700 $STATE"
-check "apt-get install ./ramnbd_*.deb (offline)" \
+check "apt-get install ./ramnbd_*.deb (offline); the example mount unit from its docs" \
     sh -c 'cp "$0/ramnbd.deb" /tmp/ && cd /tmp &&
-           DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download ./ramnbd.deb </dev/null' "$S"
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./ramnbd.deb </dev/null &&
+           cp /usr/share/doc/ramnbd/examples/mnt-ramdisk.mount /etc/systemd/system/' "$S"
 # The unit ships StateDirectory=ramnbd and ExecReload= (SIGHUP): only the image is configured.
 check "give the export the image of the example config's commented line" \
     sh -c "sed -i 's|^# image = \"$IMAGE\"|image = \"$IMAGE\"|' /etc/ramnbd/ramnbd.toml &&
