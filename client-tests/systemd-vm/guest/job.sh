@@ -386,6 +386,8 @@ journal_warning() {
     return 1
 }
 check "journalctl -u ramnbd -p warning: the warning with PRIORITY=4, EXPORT, PEER, COMMAND" journal_warning
+echo "---- the warning, journalctl -u ramnbd -p warning -o verbose ----"
+grep -E "^    (PRIORITY|SYSLOG_IDENTIFIER|MESSAGE|TARGET|PEER|EXPORT|COMMAND|ERRNO|OFFSET)=" /tmp/warn.txt | cut -c1-240
 # (The boot had no warning before: "journal: no warnings or errors from ramnbd" above.)
 check "journalctl EXPORT=scratch -p warning selects it; once for the connection, not per write" \
     sh -c 'journalctl EXPORT=scratch -p warning -b -o cat | tee /dev/stderr >/tmp/exp.txt;
