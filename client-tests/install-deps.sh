@@ -21,11 +21,15 @@
 #   systemd                 systemd-analyze verify and systemd-socket-activate (unit tests)
 #   binutils                strip, to shrink the binary copied into the systemd VM
 #   openssl                 the TLS tests' CA, server and client certificates
+#   lintian                 checks the Debian package (client-tests/package/run.sh)
+#   prometheus              promtool: checks and unit-tests the alert rules (it also installs
+#                           Prometheus itself, which its package starts where systemd runs)
+#   man-db                  renders the man pages the package ships
 set -euo pipefail
 
 packages=(nbd-client libnbd-bin python3-libnbd qemu-utils qemu-system-x86 busybox-static fio
           fuse3 e2fsprogs xfsprogs btrfs-progs socat nbdkit debootstrap cpio xz-utils zstd
-          procps util-linux mount iproute2 systemd binutils curl openssl)
+          procps util-linux mount iproute2 systemd binutils curl lintian prometheus man-db openssl)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -4,7 +4,8 @@
 #   crate, and libnbd, qemu, fio of both Debian 12 and Debian 13) -> fuzzing, 60 s per target
 #   -> filesystems over nbdfuse + loop -> the kernel's nbd-client in a VM, twice: Debian 12's
 #   kernel 6.1 with nbd-client 3.24, and Debian 13's 6.12 (which sends WRITE_ZEROES) with
-#   nbd-client 3.26 -> systemd in a VM.
+#   nbd-client 3.26 -> the Debian package (lintian, man pages, promtool) -> systemd in a VM,
+#   which installs and purges the package.
 # Installs missing Debian packages first. A missing prerequisite is a failure, never a skip.
 # The last line is the total: "N passed, N failed".
 set -uo pipefail
@@ -61,6 +62,9 @@ step cargo-test cargo test --workspace --locked
 # corpus in fuzz/corpus first); installs cargo-fuzz if it is missing.
 step fuzz bash fuzz/run.sh 60
 step fuse client-tests/fuse/run.sh
+# The Debian package (cargo deb; installs cargo-deb if missing), lintian, its contents, the
+# man pages, and promtool on the alert rules; the systemd VM installs this package.
+step package client-tests/package/run.sh
 step kernel-vm-6.1 client-tests/vm/run.sh 6.1
 step kernel-vm-6.12 client-tests/vm/run.sh 6.12
 step systemd-vm client-tests/systemd-vm/run.sh

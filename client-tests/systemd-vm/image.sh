@@ -28,7 +28,10 @@ log() { echo "systemd-vm: $*" >&2; }
 #              systemctl does not (as root it uses /run/systemd/private)
 #   nbd-client, e2fsprogs   the attach and mkfs units under test
 #   procps, iproute2        ps/pgrep and ss for the job's checks
-PACKAGES=systemd,systemd-sysv,udev,kmod,dbus,nbd-client,e2fsprogs,procps,iproute2
+#   man-db                  `man 8 ramnbd` from the installed package (man-db pulls in groff)
+# The ramnbd package is installed from its .deb with apt, offline: its Depends (libc6) and
+# Recommends (nbd-client) are all here.
+PACKAGES=systemd,systemd-sysv,udev,kmod,dbus,nbd-client,e2fsprogs,procps,iproute2,man-db
 # Kernel modules in the root file system (their depends= closure is added), and in the
 # initramfs (enough to mount the root disk).
 ROOT_MODULES=(nbd ext4 crc32c_generic crc32c_intel autofs4 virtio_pci virtio_blk)
@@ -134,9 +137,17 @@ echo '# no static file systems: the root is mounted by the initramfs' >"$ROOT/et
 mkdir -p "$ROOT/etc/systemd/journald.conf.d" "$ROOT/etc/systemd/system.conf.d" \
     "$ROOT/etc/systemd/system-generators" "$ROOT/usr/lib/systemd/system-shutdown" \
     "$ROOT/usr/local/sbin"
-printf '[Journal]\nStorage=volatile\n' >"$ROOT/etc/systemd/journald.conf.d/volatile.conf"
+# Room for the whole run: with PID 1 at debug level the default (10% of /run) rotates and
+# vacuums files mid-run, and a cursor into a vacuumed file matches nothing.
+printf '[Journal]\nStorage=volatile\nRuntimeMaxUse=128M\nRuntimeMaxFileSize=64M\n' \
+    >"$ROOT/etc/systemd/journald.conf.d/volatile.conf"
 printf '[Manager]\nDefaultTimeoutStartSec=60s\nDefaultTimeoutStopSec=20s\nDefaultDeviceTimeoutSec=30s\n' \
     >"$ROOT/etc/systemd/system.conf.d/timeouts.conf"
+# man-db rebuilds its index on every package install and removal (a trigger that costs tens of
+# seconds under TCG); `man 8 ramnbd` finds the page without it.
+rm -f "$ROOT/var/lib/man-db/auto-update"
+# dpkg syncs every file it unpacks; the image is a throw-away snapshot, so skip that.
+echo force-unsafe-io >"$ROOT/etc/dpkg/dpkg.cfg.d/sdvm-unsafe-io"
 for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
     e2scrub_reap.service fstrim.timer systemd-pstore.service getty@tty1.service \
     systemd-timesyncd.service; do

@@ -1,9 +1,10 @@
 #!/bin/bash
 # The real-systemd test: boots Debian bookworm with systemd as PID 1 in a qemu TCG VM, installs
-# ramnbd there with systemd/install.sh, and drives the units as an operator would (guest/job.sh):
+# ramnbd there from its Debian package (apt-get install ./ramnbd_*.deb), and drives the units as an operator would (guest/job.sh):
 # ramnbd.socket -> socket-activated Type=notify ramnbd.service -> ramnbd-attach@nbd0 ->
 # ramnbd-mkfs@nbd0 -> mnt-ramdisk.mount, data, restarts and an upgrade under a writer (the fd
-# store), ordered stop, re-attach, clean stop, kill -9 under a writer. Then boots twice more
+# store) and a package upgrade, ordered stop, re-attach, clean stop, kill -9 under a writer; the
+# package's man page, a warning in the journal with its fields, apt-get purge. Then boots twice more
 # with a persistent disk for images across a reboot (guest/snapshot.sh).
 #
 #   client-tests/systemd-vm/run.sh
@@ -12,8 +13,9 @@
 # only if every check passed and the VM shut down cleanly. No qemu outlives it.
 #
 # Environment:
-#   RAMNBD_BIN     the ramnbd binary to test (default: cargo build --release -p ramnbd)
-#   SDVM_TIMEOUT   hard limit for the VM in seconds (default 360)
+#   SDVM_DEB       the package to test (default: target/debian/ramnbd_*.deb, which
+#                  client-tests/package/run.sh or `cargo deb -p ramnbd` builds)
+#   SDVM_TIMEOUT   hard limit for each VM boot in seconds (default 480)
 #   SDVM_KEEP_LOG  keep the console log here (default: client-tests/.cache/systemd-vm/console.log)
 # Needs root, qemu-system-x86, debootstrap, busybox-static (also for cpio), e2fsprogs; a missing
 # one is a FAIL. The image is built on first use (see image.sh) and cached. The VM itself is
@@ -28,7 +30,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=../lib/vm.sh
 . "$HERE/../lib/vm.sh"
 OUT=$REPO/client-tests/.cache/systemd-vm
-LIMIT=${SDVM_TIMEOUT:-360}
+LIMIT=${SDVM_TIMEOUT:-480}
 LOG=${SDVM_KEEP_LOG:-$OUT/console.log}
 T0=$SECONDS
 say() { echo "systemd-vm: $*"; }
@@ -39,7 +41,8 @@ need debootstrap debootstrap
 need mkfs.ext4 e2fsprogs
 need dpkg-deb dpkg
 need xz xz-utils
-BIN=$(ramnbd_bin) || missing "the ramnbd binary (see the message above)"
+DEB=${SDVM_DEB:-$(compgen -G "$REPO/target/debian/ramnbd_*_amd64.deb" | head -n 1)}
+[[ -n $DEB && -f $DEB ]] || missing "the Debian package target/debian/ramnbd_*.deb (run client-tests/package/run.sh or cargo deb -p ramnbd)"
 if ! prereqs_ok; then
     summary
     exit 1
@@ -67,13 +70,11 @@ trap 'say "interrupted"; exit 130' INT
 trap 'say "terminated"; exit 143' TERM
 
 JOB=$RUN/job
-mkdir -p "$JOB/sdvm/systemd" "$JOB/sdvm/config" "$JOB/sdvm/docs" "$JOB/sdvm/lib"
+mkdir -p "$JOB/sdvm/lib"
 cp "$HERE/guest/job.sh" "$JOB/sdvm/job.sh"
 cp "$HERE/../lib/report.sh" "$JOB/sdvm/lib/"
-strip -o "$JOB/sdvm/ramnbd" "$BIN" 2>/dev/null || cp "$BIN" "$JOB/sdvm/ramnbd"
-cp "$REPO"/systemd/* "$JOB/sdvm/systemd/"
-cp "$REPO/config/ramnbd.toml" "$JOB/sdvm/config/"
-cp "$REPO/docs/operations.md" "$JOB/sdvm/docs/" 2>/dev/null || true
+say "package $(basename "$DEB")"
+cp "$DEB" "$JOB/sdvm/ramnbd.deb"
 vm_initrd "$OUT/initramfs.gz" "$JOB" "$RUN/initrd"
 
 # ------------------------------------------------------------------ boot

@@ -1,15 +1,15 @@
 //! The systemd units, checked on the host with systemd's own tools (no systemd as PID 1
 //! needed): `systemd-analyze verify` (syntax, dependencies, ordering cycles, binaries),
-//! `systemd-analyze security` (the service's exposure), and `systemd/install.sh` placing the
-//! binary, units and config. The units run for real under systemd in
-//! `client-tests/systemd-vm/run.sh`.
+//! and `systemd-analyze security` (the service's exposure). The Debian package that installs
+//! them is checked by `client-tests/package/run.sh`; the units run for real under systemd,
+//! installed from that package, in `client-tests/systemd-vm/run.sh`.
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+use ramnbd_client_tests::require_tool;
 use ramnbd_client_tests::server::{ramnbd_bin, workspace_root};
-use ramnbd_client_tests::{require_tool, run_ok};
 
 const UNITS: [&str; 6] = [
     "ramnbd.socket",
@@ -34,7 +34,7 @@ const VERIFY: [&str; 6] = [
 fn stage_units(dir: &Path) {
     for unit in UNITS {
         let text = fs::read_to_string(workspace_root().join("systemd").join(unit)).unwrap();
-        let text = text.replace("/usr/local/bin/ramnbd", ramnbd_bin().to_str().unwrap());
+        let text = text.replace("/usr/bin/ramnbd", ramnbd_bin().to_str().unwrap());
         fs::write(dir.join(unit), text).unwrap();
     }
 }
@@ -178,57 +178,4 @@ fn the_units_say_what_the_issue_asks_for() {
         );
     }
     assert!(read("mnt-ramdisk.mount").contains("Options=_netdev,"));
-}
-
-#[test]
-fn install_script_places_binary_units_and_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let prefix = root.join("usr");
-    let units = root.join("units");
-    let install = || {
-        run_ok(
-            workspace_root().join("systemd/install.sh"),
-            &[
-                "--bin",
-                ramnbd_bin().to_str().unwrap(),
-                "--prefix",
-                prefix.to_str().unwrap(),
-                "--sysconfdir",
-                root.join("etc").to_str().unwrap(),
-                "--unitdir",
-                units.to_str().unwrap(),
-                "--no-reload",
-            ],
-        )
-    };
-    install();
-    let installed = prefix.join("bin/ramnbd");
-    assert!(installed.is_file());
-    let config = root.join("etc/ramnbd/ramnbd.toml");
-    assert_eq!(
-        fs::read_to_string(&config).unwrap(),
-        fs::read_to_string(workspace_root().join("config/ramnbd.toml")).unwrap()
-    );
-    run_ok(&installed, &["--check-config", config.to_str().unwrap()]);
-    // The installed units name the installed binary, and verify as they are.
-    let service = fs::read_to_string(units.join("ramnbd.service")).unwrap();
-    assert!(
-        service.contains(&format!("ExecStart={}", installed.display())),
-        "{service}"
-    );
-    for unit in UNITS {
-        assert!(units.join(unit).is_file(), "{unit} not installed");
-    }
-    let (ok, text) = verify(&units);
-    assert!(
-        ok && text.trim().is_empty(),
-        "verify complained about the installed units:\n{text}"
-    );
-
-    // A second run keeps an existing (edited) configuration.
-    fs::write(&config, "# edited\n").unwrap();
-    let out = install();
-    assert!(out.contains("kept the existing"), "{out}");
-    assert_eq!(fs::read_to_string(&config).unwrap(), "# edited\n");
 }

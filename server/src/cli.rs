@@ -13,7 +13,7 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "ramnbd",
-    version,
+    version = env!("RAMNBD_VERSION"),
     after_help = "\
 EXAMPLES:
   ramnbd                                   1 GiB default export on 127.0.0.1:10809

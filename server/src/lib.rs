@@ -28,6 +28,7 @@ pub mod config;
 pub mod export;
 pub mod handover;
 pub mod image;
+pub mod journal;
 pub mod logsafe;
 pub mod metrics;
 pub mod proto;

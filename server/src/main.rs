@@ -23,6 +23,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
@@ -191,17 +193,37 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<WorkerGuard> {
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let queue = |inner| {
+        tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .buffered_lines_limit(LOG_QUEUE_LINES)
+            .lossy(true)
+            .thread_name("ramnbd-log")
+            .finish(inner)
+    };
+    // Under systemd, stderr goes to the journal: entries with priorities and fields there
+    // (ramnbd::journal), through the same lossy queue. The journal has its own timestamps.
+    if ramnbd::journal::stderr_is_journal() {
+        match ramnbd::journal::JournalSocket::connect() {
+            Ok(socket) => {
+                let (writer, guard) = queue(Box::new(socket) as Box<dyn std::io::Write + Send>);
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(ramnbd::journal::JournalLayer::new(writer))
+                    .init();
+                return Ok(guard);
+            }
+            Err(err) => eprintln!(
+                "ramnbd: cannot open the journal's socket {} ({err}): logging text to stderr",
+                ramnbd::journal::SOCKET
+            ),
+        }
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(true)
-        .thread_name("ramnbd-log")
-        .finish(std::io::stderr());
+    let (writer, guard) = queue(Box::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(ansi);
-    // Under systemd, stderr goes to the journal, which has its own timestamps.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().init();
     } else {
@@ -224,6 +246,7 @@ fn spawn_signal_handler(shutdown: Shutdown, hand_over: bool) -> anyhow::Result<(
                 _ = sigterm.recv() => "SIGTERM",
                 _ = sigint.recv() => "SIGINT",
             };
+            ramnbd::journal::stream_from_now_on();
             if hand_over && name == "SIGTERM" && shutdown.phase() == Phase::Running {
                 tracing::info!("{name} received: handing the connections over");
                 systemd::stopping("handing over: suspending connections at a request boundary");
@@ -357,6 +380,9 @@ async fn run(config: Config, passed: Passed, tls: Tls) -> anyhow::Result<()> {
         .metrics
         .as_ref()
         .map(|_| Metrics::new(Arc::clone(&exports)));
+    if let Some(metrics) = &metrics {
+        metrics.set_max_connections(max_connections);
+    }
     let metrics_listener = match &config.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,

@@ -26,6 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::export::Exports;
 
+/// The name of an NBD command, as metrics label it and logs name it ("other" for commands
+/// this server does not know).
+pub fn command_name(command: u16) -> &'static str {
+    COMMANDS[usize::from(command).min(COMMANDS.len() - 1)]
+}
+
 /// Label values for the command slots: index = command number, the last slot is "other".
 const COMMANDS: [&str; 9] = [
     "read",
@@ -95,6 +101,8 @@ pub struct Metrics {
     by_name: HashMap<String, usize>,
     connections_open: AtomicU64,
     connections_total: AtomicU64,
+    /// The connection cap (`max-connections` as in force), 0 until set.
+    connections_max: AtomicU64,
     resident: ResidentSamples,
 }
 
@@ -133,8 +141,15 @@ impl Metrics {
             by_name,
             connections_open: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
+            connections_max: AtomicU64::new(0),
             resident,
         })
+    }
+
+    /// The connection cap in force, shown as `ramnbd_connections_max`.
+    pub fn set_max_connections(&self, max: usize) {
+        self.connections_max
+            .store(u64::try_from(max).unwrap_or(u64::MAX), Relaxed);
     }
 
     /// Starts sampling resident bytes on the blocking pool if the last sample is older than
@@ -213,6 +228,30 @@ impl Collector for Metrics {
             MetricType::Counter,
         )?;
         m.encode_counter::<NoLabelSet, _, u64>(&self.connections_total.load(Relaxed), None)?;
+        let mut m = encoder.encode_descriptor(
+            "ramnbd_connections_max",
+            "Connections served at once at most (max-connections); further clients wait",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&self.connections_max.load(Relaxed))?;
+        let (held, cap) = self.exports.memory_usage();
+        let mut m = encoder.encode_descriptor(
+            "ramnbd_memory_held_bytes",
+            "RAM all exports together hold (written and not trimmed)",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&held)?;
+        if let Some(cap) = cap {
+            let mut m = encoder.encode_descriptor(
+                "ramnbd_memory_max_bytes",
+                "The cap on RAM for all exports together ([memory] max-memory; absent: none)",
+                None,
+                MetricType::Gauge,
+            )?;
+            m.encode_gauge(&cap)?;
+        }
 
         type Gauge = fn(&Metrics, usize, &crate::export::Export) -> u64;
         let gauges: [(&str, &str, Gauge); 4] = [
@@ -423,6 +462,31 @@ mod tests {
     }
 
     #[test]
+    fn memory_held_and_its_cap() {
+        let config = ExportConfig {
+            name: "a".to_owned(),
+            size: 1 << 20,
+            ..Default::default()
+        };
+        let memory = crate::config::MemoryConfig {
+            max_memory: Some(1 << 19),
+            ..Default::default()
+        };
+        let exports = Arc::new(Exports::with_memory(&[config], &memory).unwrap());
+        exports.get("a").unwrap().disk.write(0, &[1; 8192]).unwrap();
+        let text = Metrics::new(exports).render();
+        for line in [
+            "ramnbd_memory_held_bytes 8192",
+            "ramnbd_memory_max_bytes 524288",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
     fn records_and_renders() {
         let metrics = Metrics::new(exports());
         let b = metrics.export("b").unwrap();
@@ -431,9 +495,14 @@ mod tests {
         b.record(CMD_READ, 512, true, Duration::from_secs(20));
         b.record(0x77, 0, true, Duration::ZERO);
         let guard = metrics.connection();
+        metrics.set_max_connections(7);
         let text = metrics.render();
+        // No memory cap: no ramnbd_memory_max_bytes (an alert on it must not fire).
+        assert!(!text.contains("ramnbd_memory_max_bytes"), "{text}");
         for line in [
             "ramnbd_connections_open 1",
+            "ramnbd_connections_max 7",
+            "ramnbd_memory_held_bytes 0",
             "ramnbd_connections_total 1",
             "ramnbd_export_size_bytes{export=\"b\"} 1048576",
             "ramnbd_export_size_bytes{export=\"\"} 1048576",

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The test job inside the VM, run by vm-job.service with systemd as PID 1. It installs ramnbd
-# with systemd/install.sh, then drives the real units: socket activation, Type=notify,
+# from its Debian package (apt, offline), then drives the real units: socket activation, Type=notify,
 # attach (nbd-client), mkfs + mount, data, stop in order, re-attach, clean stop. Prints one
 # PASS/FAIL line per check, the journal of the units, and exits with the number of failures.
 S=/etc/sdvm
@@ -98,13 +98,28 @@ echo "systemd-vm job: $(systemctl --version | head -n1), kernel $(uname -r)"
 # PID 1 logs notification messages (READY=1, STOPPING=1) at debug level only.
 systemd-analyze log-level debug
 
-check "install.sh installs the binary, the units and the config" \
-    sh "$S/systemd/install.sh" --bin "$S/ramnbd"
+# /tmp/install_package DEB: apt-get install of a local .deb, offline (its dependencies are in
+# the image).
+cat >/tmp/install_package <<'SCRIPT'
+#!/bin/sh
+DEBIAN_FRONTEND=noninteractive exec apt-get install -y -q "$1" </dev/null
+SCRIPT
+chmod 755 /tmp/install_package
+cp "$S/ramnbd.deb" /tmp/ramnbd.deb
+check "apt-get install ./ramnbd_*.deb (offline): binary, units, config, man pages" \
+    sh -c 'cd /tmp && /tmp/install_package ./ramnbd.deb && dpkg -s ramnbd | grep -qx "Status: install ok installed"'
+check "nothing enabled or started by the install (a RAM disk starts empty: the operator decides)" \
+    sh -c '! systemctl is-enabled --quiet ramnbd.socket && ! systemctl is-active --quiet ramnbd.socket'
+check "man 8 ramnbd and man 5 ramnbd.toml render" \
+    sh -c 'MANWIDTH=80 man 8 ramnbd 2>&1 | tee /tmp/man8.txt | grep -q -- "--max-connections-per-client" &&
+           MANWIDTH=80 man 5 ramnbd.toml 2>&1 | grep -q "shutdown-grace" && head -n 12 /tmp/man8.txt'
+check "the example mount unit from the package's docs, in /etc/systemd/system" \
+    sh -c 'cp /usr/share/doc/ramnbd/examples/mnt-ramdisk.mount /etc/systemd/system/ && systemctl daemon-reload'
 check "ramnbd --check-config accepts the installed /etc/ramnbd/ramnbd.toml" \
-    /usr/local/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml
+    /usr/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml
 check "turn on metrics in /etc/ramnbd/ramnbd.toml" \
     sh -c 'sed -i "s|^# listen = \"127.0.0.1:9109\"|listen = \"127.0.0.1:9109\"|" /etc/ramnbd/ramnbd.toml &&
-           /usr/local/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml | grep -q "metrics: 127.0.0.1:9109"'
+           /usr/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml | grep -q "metrics: 127.0.0.1:9109"'
 check "systemctl enable --now ramnbd.socket" systemctl enable --now ramnbd.socket
 check "PID 1 listens on 127.0.0.1:10809 and /run/ramnbd/ramnbd.sock" \
     sh -c 'ss -Hltn "sport = 10809" | grep -q 127.0.0.1:10809 && test -S /run/ramnbd/ramnbd.sock'
@@ -146,8 +161,13 @@ check "metrics: the sandboxed server counts writes and sees its resident RAM (mi
 # store and the next process resumes it, so the kernel sees a pause, not a disconnect.
 check "a 1 MiB file for the writer, written and synced" \
     sh -c 'dd if=/dev/zero of=/mnt/ramdisk/w bs=1M count=1 status=none && sync && cp /mnt/ramdisk/w /run/writer.shadow'
-# restart_round N WHAT: the writer runs while ramnbd.service is restarted; one line of figures.
+# restart_round N WHAT [COMMAND...]: the writer runs while ramnbd.service is restarted (by
+# COMMAND, default systemctl restart); one line of figures.
 restart_round() {
+    n_round=$1
+    what=$2
+    shift 2
+    [ $# -gt 0 ] || set -- systemctl restart ramnbd.service
     cursor=$(since_cursor)
     old_pid=$(systemctl show -P MainPID ramnbd.service)
     rm -f /run/writer.stop
@@ -155,7 +175,7 @@ restart_round() {
     wpid=$!
     sleep 0.5
     t0=$(now_ms)
-    systemctl restart ramnbd.service
+    "$@" >/run/restart.out 2>&1
     t1=$(now_ms)
     sleep 0.5
     touch /run/writer.stop
@@ -168,7 +188,7 @@ restart_round() {
     handed=$(grep -o "handed over [0-9]* connections with [0-9]* bytes pending" /run/round.txt | head -n 1)
     adopted=$(grep -c "adopted stored disk" /run/round.txt)
     resumed=$(grep -c "transmission resumed" /run/round.txt)
-    echo "restart $1 ($2): pid $old_pid -> $new_pid, systemctl restart $((t1 - t0)) ms; ${handed:-nothing handed over}; disks adopted $adopted, connections resumed $resumed; writer $(cat /run/writer.out)" | tee -a /tmp/restarts.txt
+    echo "restart $n_round ($what): pid $old_pid -> $new_pid, systemctl restart $((t1 - t0)) ms; ${handed:-nothing handed over}; disks adopted $adopted, connections resumed $resumed; writer $(cat /run/writer.out)" | tee -a /tmp/restarts.txt
     [ "$new_pid" != "$old_pid" ] && [ -n "$handed" ] && [ "$adopted" -ge 1 ] && [ "$resumed" -ge 1 ] &&
         grep -q " errors=0 " /run/writer.out
 }
@@ -177,13 +197,17 @@ dmesg -C
 for i in 1 2 3 4 5; do
     check "restart $i under the writer: connection handed over and resumed, no write failed" restart_round $i restart
 done
-# The upgrade: a different binary (the same build with bytes appended: another file, another
-# checksum, as a new release would be), installed over the old one, then a restart.
-check "install a different binary (an upgrade)" \
-    sh -c 'old=$(sha256sum </usr/local/bin/ramnbd); cp /usr/local/bin/ramnbd /tmp/ramnbd.new &&
-           printf "upgrade" >>/tmp/ramnbd.new && install -m 0755 /tmp/ramnbd.new /usr/local/bin/ramnbd.new &&
-           mv /usr/local/bin/ramnbd.new /usr/local/bin/ramnbd && [ "$(sha256sum </usr/local/bin/ramnbd)" != "$old" ]'
-check "restart 6 onto the upgraded binary under the writer: handed over, no write failed" restart_round 6 upgrade
+# The upgrade: a package of a different binary (the same build with bytes appended: another
+# file, another checksum, as a new release would be) and a higher version, installed with apt
+# under the writer: prerm leaves the server running, postinst try-restarts it.
+check "build an upgrade package (version +upgrade, the binary changed)" \
+    sh -c 'rm -rf /tmp/up && dpkg-deb -R /tmp/ramnbd.deb /tmp/up && rm -rf /tmp/up/usr/lib/debug &&
+           printf "upgrade" >>/tmp/up/usr/bin/ramnbd && cp /tmp/up/usr/bin/ramnbd /tmp/ramnbd.new &&
+           sed -i "s/^Version: .*/&+upgrade/" /tmp/up/DEBIAN/control &&
+           dpkg-deb -Zgzip -z1 -b /tmp/up /tmp/ramnbd-upgrade.deb >/dev/null'
+check "restart 6: apt-get install of the upgrade under the writer: handed over, no write failed" \
+    restart_round 6 "package upgrade" sh -c 'cd /tmp && /tmp/install_package ./ramnbd-upgrade.deb'
+check "the upgrade is installed" sh -c 'dpkg-query -W -f="\${Version}\n" ramnbd | grep -q "+upgrade$"'
 echo "---- restarts ----"
 cat /tmp/restarts.txt
 check "the writer's data reads back from the device after dropping caches" \
@@ -322,6 +346,71 @@ check "systemctl stop ramnbd-attach-persist@nbd0.service (nbd-client -d)" \
     sh -c 'systemctl stop ramnbd-attach-persist@nbd0.service && ! test -e /sys/block/nbd0/pid'
 check "systemctl stop ramnbd.service ramnbd.socket" \
     systemctl stop ramnbd.service ramnbd.socket
+
+# The package as an operator uses it: a memory cap, the socket enabled, the packaged attach
+# unit, a file system; a warning provoked (writes over the cap) and read back from the journal
+# with its priority and fields; then apt-get purge with all of it running and enabled.
+echo "---- the package: enable, attach, file system, a warning in the journal, purge ----"
+check "a memory cap of 96 MiB in /etc/ramnbd/ramnbd.toml ([memory] max-memory)" \
+    sh -c 'sed -i "s|^# max-memory = \"16G\" .*|max-memory = \"96M\"|" /etc/ramnbd/ramnbd.toml &&
+           grep -qx "max-memory = \"96M\"" /etc/ramnbd/ramnbd.toml && /usr/bin/ramnbd --check-config >/dev/null'
+check "systemctl enable --now ramnbd.socket" \
+    sh -c 'systemctl enable --now ramnbd.socket && systemctl is-enabled --quiet ramnbd.socket'
+check "attach with the packaged unit: systemctl start ramnbd-attach@nbd0.service" \
+    sh -c 'systemctl start ramnbd-attach@nbd0.service && test -e /sys/block/nbd0/pid'
+check "mkfs.ext4, mount, write 8 MiB, unmount, drop caches, mount, read it back" \
+    sh -c 'mkfs.ext4 -q -F -J size=8 -E lazy_itable_init=1,lazy_journal_init=1 /dev/nbd0 && mkdir -p /mnt/pkg &&
+           mount -o noinit_itable /dev/nbd0 /mnt/pkg && dd if=/dev/urandom of=/mnt/pkg/data bs=1M count=8 status=none &&
+           sync && sha256sum /mnt/pkg/data >/tmp/pkg.sha && umount /mnt/pkg && echo 3 >/proc/sys/vm/drop_caches &&
+           mount -o noinit_itable /dev/nbd0 /mnt/pkg && sha256sum -c /tmp/pkg.sha && umount /mnt/pkg'
+check "provoke a warning: raw writes past the 96 MiB cap fail (ENOSPC to the server, EIO to dd)" \
+    sh -c 'if dd if=/dev/urandom of=/dev/nbd0 bs=1M count=128 seek=2048 oflag=direct status=none 2>/tmp/dd.err; then
+               echo "128 MiB written past a 96 MiB cap"; exit 1; fi; cat /tmp/dd.err'
+# journal_warning: the warning, at priority 4 with its fields, from journalctl -u ramnbd -p warning.
+journal_warning() {
+    n=0
+    until journalctl -u ramnbd -p warning -b -o verbose >/tmp/warn.txt 2>&1 &&
+        grep -q "memory cap reached" /tmp/warn.txt || [ $n -ge 20 ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    grep -E "^    (PRIORITY|MESSAGE|EXPORT|PEER|COMMAND|F_ERRNO|OFFSET|SYSLOG_IDENTIFIER)=" /tmp/warn.txt | cut -c1-200
+    if grep -q "memory cap reached" /tmp/warn.txt && grep -qx "    PRIORITY=4" /tmp/warn.txt &&
+        grep -qx "    EXPORT=scratch" /tmp/warn.txt && grep -qx "    COMMAND=write" /tmp/warn.txt &&
+        grep -q "^    PEER=." /tmp/warn.txt && grep -qx "    SYSLOG_IDENTIFIER=ramnbd" /tmp/warn.txt; then
+        return 0
+    fi
+    echo "dd: $(cat /tmp/dd.err)"
+    head -n 5 /tmp/warn.txt
+    journalctl -u ramnbd -b -o verbose | grep -E "^    (PRIORITY|MESSAGE)=" | tail -n 10 | cut -c1-200
+    return 1
+}
+check "journalctl -u ramnbd -p warning: the warning with PRIORITY=4, EXPORT, PEER, COMMAND" journal_warning
+echo "---- the warning, journalctl -u ramnbd -p warning -o verbose ----"
+grep -E "^    (PRIORITY|SYSLOG_IDENTIFIER|MESSAGE|TARGET|PEER|EXPORT|COMMAND|F_ERRNO|OFFSET)=" /tmp/warn.txt | cut -c1-240
+# (The boot had no warning before: "journal: no warnings or errors from ramnbd" above.)
+check "journalctl EXPORT=scratch -p warning selects it; once for the connection, not per write" \
+    sh -c 'journalctl EXPORT=scratch -p warning -b -o cat | tee /dev/stderr >/tmp/exp.txt;
+           [ "$(grep -c "memory cap reached" /tmp/exp.txt)" -eq 1 ]'
+check "journalctl -p info still has the info lines (priority 6), not as warnings" \
+    sh -c 'journalctl -u ramnbd -p info..info -b -o cat | grep -q "export ready" &&
+           ! journalctl -u ramnbd -p warning -b -o cat | grep -q "export ready"'
+check "apt-get purge ramnbd with the socket enabled, the server running and nbd0 attached" \
+    sh -c 'systemctl is-active --quiet ramnbd.service && DEBIAN_FRONTEND=noninteractive apt-get purge -y -q ramnbd </dev/null'
+check "after the purge: nothing runs, nbd0 is detached, no unit file or enablement link is left" \
+    sh -c '! systemctl is-active --quiet ramnbd.service && ! systemctl is-active --quiet ramnbd.socket &&
+           ! test -e /sys/block/nbd0/pid && [ -z "$(systemctl list-unit-files --no-legend "ramnbd*")" ] &&
+           left=$(find /etc/systemd /lib/systemd/system /usr/lib/systemd/system /run/systemd/system -name "ramnbd*");
+           echo "${left:-no unit left}"; [ -z "$left" ]'
+check "after the purge: no user, no file (config, state, runtime, binary, docs), dpkg knows none" \
+    sh -c '! getent passwd ramnbd && ! dpkg -L ramnbd >/dev/null 2>&1 &&
+           for f in /etc/ramnbd /var/lib/ramnbd /var/lib/private/ramnbd /run/ramnbd /usr/bin/ramnbd \
+               /usr/share/doc/ramnbd /usr/share/man/man8/ramnbd.8.gz /usr/share/bash-completion/completions/ramnbd; do
+               if [ -e "$f" ] || [ -L "$f" ]; then echo "left behind: $f"; exit 1; fi
+           done'
+check "install the package again (a fresh install after the purge)" \
+    sh -c 'cd /tmp && /tmp/install_package ./ramnbd.deb && test -f /etc/ramnbd/ramnbd.toml &&
+           ! grep -q "^max-memory" /etc/ramnbd/ramnbd.toml'
 
 # Leave the whole stack up for the poweroff: the host checks that the shutdown stopped it in
 # order (no I/O error on nbd0 on the console before SHUTDOWN-REACHED).

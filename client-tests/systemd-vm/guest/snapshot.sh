@@ -51,12 +51,14 @@ echo "systemd-vm job: images across a reboot, boot $BOOT, kernel $(uname -r)"
 [ $BOOT = 1 ] && mkfs.ext4 -q -L sdvm-state /dev/vdb
 check "mount the persistent disk at $STATE" \
     sh -c "mkdir -p $STATE && mount /dev/vdb $STATE && chmod 700 $STATE"
-check "install.sh installs the binary, the units and the config" \
-    sh "$S/systemd/install.sh" --bin "$S/ramnbd"
+check "apt-get install ./ramnbd_*.deb (offline); the example mount unit from its docs" \
+    sh -c 'cp "$0/ramnbd.deb" /tmp/ && cd /tmp &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./ramnbd.deb </dev/null &&
+           cp /usr/share/doc/ramnbd/examples/mnt-ramdisk.mount /etc/systemd/system/' "$S"
 # The unit ships StateDirectory=ramnbd and ExecReload= (SIGHUP): only the image is configured.
 check "give the export the image of the example config's commented line" \
     sh -c "sed -i 's|^# image = \"$IMAGE\"|image = \"$IMAGE\"|' /etc/ramnbd/ramnbd.toml &&
-           /usr/local/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml | tee /dev/stderr | grep -qF 'image $IMAGE'"
+           /usr/bin/ramnbd --check-config /etc/ramnbd/ramnbd.toml | tee /dev/stderr | grep -qF 'image $IMAGE'"
 systemctl daemon-reload
 
 if [ $BOOT = 1 ]; then

@@ -163,6 +163,8 @@ struct Connection<'a> {
     draining: bool,
     /// A hand-over has begun: no new request is started.
     suspending: bool,
+    /// A write failed on the memory cap already: warned once per connection, then debug.
+    warned_full: bool,
     stats: Stats,
     /// Metrics for this connection's export; `None` when metrics are off.
     metrics: Option<&'a ExportMetrics>,
@@ -215,6 +217,7 @@ where
         disconnected: false,
         out_of_sync: None,
         draining: false,
+        warned_full: false,
         suspending: false,
         stats: Stats::default(),
         metrics: metrics.as_deref(),
@@ -576,7 +579,20 @@ impl<'a> Connection<'a> {
                 self.meter(head, false);
             }
             Outcome::Failed(Failure(errno, message)) => {
-                tracing::debug!(%errno, message, offset, "request failed");
+                let command = crate::metrics::command_name(head.command);
+                if errno == Errno::NoSpc && !self.warned_full {
+                    // The operator's signal that the cap is too small or a client fills the
+                    // disk; once per connection, so a filling client cannot flood the log.
+                    self.warned_full = true;
+                    tracing::warn!(
+                        command,
+                        %errno,
+                        offset,
+                        "{message} (further such failures on this connection at debug level)"
+                    );
+                } else {
+                    tracing::debug!(command, %errno, message, offset, "request failed");
+                }
                 mode.error(out, cookie, offset, errno, message);
                 self.meter(head, true);
             }

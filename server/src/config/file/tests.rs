@@ -749,3 +749,38 @@ fn bad_access_rules_name_the_file_key_and_fix() {
         "{err}"
     );
 }
+
+/// ramnbd.toml(5) documents every section and key the parser accepts, each under its
+/// section's heading (a key that is new here and missing there fails this).
+#[test]
+fn the_man_page_documents_every_key() {
+    let man = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/man/ramnbd.toml.5"
+    ));
+    let tables: [(&str, &[&str]); 8] = [
+        ("[listen]", LISTEN_KEYS),
+        ("[[export]]", EXPORT_KEYS),
+        ("[memory]", MEMORY_KEYS),
+        ("[logging]", LOGGING_KEYS),
+        ("[metrics]", METRICS_KEYS),
+        ("[server]", SERVER_KEYS),
+        ("[access]", ACCESS_KEYS),
+        ("[tls]", TLS_KEYS),
+    ];
+    assert_eq!(tables.len(), SECTIONS.len());
+    for (heading, keys) in tables {
+        let start = man
+            .find(&format!(".SH \"{heading}\"\n"))
+            .unwrap_or_else(|| panic!("ramnbd.toml.5 has no section {heading}"));
+        let rest = &man[start + 1..];
+        let section = &rest[..rest.find("\n.SH ").unwrap_or(rest.len())];
+        for key in keys {
+            let entry = format!("\n.TP\n.B {}\n", key.replace('-', "\\-"));
+            assert!(
+                section.contains(&entry),
+                "ramnbd.toml.5 lacks {heading} {key}"
+            );
+        }
+    }
+}
