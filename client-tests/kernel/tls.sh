@@ -67,6 +67,8 @@ tls_no_cert() {
 }
 
 tls_checks() {
+    local t0
+    t0=$(now_cs)
     tls_file=$(pattern_file tls-data $((4 * MIB)))
     tls_mnt=$WORK/$MNT_SUFFIX
     chain_start
@@ -76,4 +78,5 @@ tls_checks() {
     cleanup_if_failed tls-ext4
     check tls-no-client-cert-refused tls_no_cert
     cleanup_if_failed tls-no-client-cert-refused
+    echo "---- tls: $(elapsed_since "$t0")"
 }
