@@ -20,7 +20,7 @@
 #   procps util-linux mount iproute2   pgrep/ps, losetup/blkdiscard/prlimit/setpriv, mount, ss
 #   systemd                 systemd-analyze verify and systemd-socket-activate (unit tests)
 #   binutils                strip, to shrink the binary copied into the systemd VM
-#   openssl                 the TLS tests' CA, server and client certificates
+#   openssl                 the TLS tests' CA, server and client certificates (tls.rs, the kernel VM's tls part)
 #   lintian                 checks the Debian package (client-tests/package/run.sh)
 #   prometheus              promtool: checks and unit-tests the alert rules (it also installs
 #                           Prometheus itself, which its package starts where systemd runs)

@@ -12,7 +12,9 @@
 # data is slow to make in an emulated guest), optionally NBD_TIMEOUT.
 # The md RAID1 checks (raid.sh) run where the runner provides their servers
 # and control line (RAID_CTL_PORT and the rest, see raid.sh): the VM.
-# SUITE_PARTS picks parts (default "nbd raid"; "raid" alone is quicker when
+# nbd-client over TLS (tls.sh) runs where the runner starts a TLS server and
+# gives its certificates (TLS_PORT and the rest, see tls.sh): the VM.
+# SUITE_PARTS picks parts (default "nbd tls raid"; "raid" alone is quicker when
 # working on those).
 # Prints one PASS/FAIL line per check and "N passed, N failed" last; exits
 # non-zero if anything failed.
@@ -30,8 +32,9 @@ SUITE_DIR=$(cd "$(dirname "$0")" && pwd)
 # A hung server fails requests after this long instead of hanging the run
 # (without -t the kernel waits forever).
 NBD_TIMEOUT=${NBD_TIMEOUT:-60}
-SUITE_PARTS=${SUITE_PARTS:-nbd raid}
+SUITE_PARTS=${SUITE_PARTS:-nbd tls raid}
 RAID_CTL_PORT=${RAID_CTL_PORT:-}
+TLS_PORT=${TLS_PORT:-}
 has_part() { case " $SUITE_PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 [ -e /sys/module/nbd ] || modprobe nbd
@@ -64,6 +67,13 @@ if has_part nbd; then
     fs_cycle ext4 "" "" "$TREE"
     fs_cycle xfs "$EXPORT_XFS" "-b 4096" "$TREE"
     fs_cycle btrfs "$EXPORT_BTRFS" "-C 4" "$TREE"
+fi
+
+if has_part tls && [ -n "$TLS_PORT" ]; then
+    # shellcheck source=tls.sh
+    . "$SUITE_DIR/tls.sh"
+    echo "nbd-client over TLS: $TLS_HOST:$TLS_PORT, export '$TLS_EXPORT', certificates $TLS_DIR, -tlshostname $TLS_HOSTNAME"
+    tls_checks
 fi
 
 if has_part raid && [ -n "$RAID_CTL_PORT" ]; then

@@ -6,6 +6,8 @@
 # what the server saw of it (its metrics).  The md RAID1 checks
 # (kernel/raid.sh) get two more servers, which the guest kills and restarts
 # through a control line (vm/raid-servers.sh), and an empty virtio disk.
+# The TLS checks (kernel/tls.sh) get one more server, which requires TLS and
+# client certificates made for this run (kernel/tls-host.sh).
 #
 # Usage: client-tests/vm/run.sh [6.1|6.12]
 #   6.1 (default)  Debian 12: kernel 6.1, nbd-client 3.24, the host's mkfs/fsck tools
@@ -30,6 +32,8 @@ VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$VM_DIR/../lib/vm.sh"
 # shellcheck source=raid-servers.sh
 . "$VM_DIR/raid-servers.sh"
+# shellcheck source=../kernel/tls-host.sh
+. "$VM_DIR/../kernel/tls-host.sh"
 SERIES=${1:-6.1}
 VM_TIMEOUT=${VM_TIMEOUT:-600}
 VM_CPUS=${VM_CPUS:-4}
@@ -37,13 +41,15 @@ VM_CPUS=${VM_CPUS:-4}
 # server waits before it fails and md drops the member (kernel/raid.sh).
 RAID_NBD_TIMEOUT=${RAID_NBD_TIMEOUT:-5}
 RAID_NBD_OPTS=${RAID_NBD_OPTS:-}
-SUITE_PARTS=${SUITE_PARTS:-nbd raid}
+SUITE_PARTS=${SUITE_PARTS:-nbd tls raid}
+has_part() { [[ " $SUITE_PARTS " == *" $1 "* ]]; }
 
 need_root "mknod for the initramfs, chroot"
 need_vm
 need apt-get apt
 need dpkg-deb dpkg
 need xz xz-utils
+need openssl openssl
 case $SERIES in
 6.1)
     # The guest gets the host's own client and filesystem tools.
@@ -71,6 +77,7 @@ cleanup() {
     trap - EXIT INT TERM
     vm_stop
     raid_servers_stop >/dev/null
+    tls_server_stop >/dev/null
     server_stop >/dev/null
     rm -rf "$WORK"
     exit "$rc"
@@ -109,6 +116,13 @@ raid_servers_up() {
 }
 check raid-servers-start raid_servers_up
 RAID_CTL_PORT=$(pick_port)
+
+# The TLS server: certificates for the address the guest connects to, the
+# client's half for the guest.
+if has_part tls; then
+    check tls-certificates tls_certs "$WORK/tls" "$GUEST_FWD_IP"
+    tls_server_start "$WORK/tls" || true
+fi
 RAID_CTL_CMD="bash $VM_DIR/raid-servers.sh serve $WORK/raid"
 [[ $RAID_CTL_CMD != *,* ]] || fail raid-control "a comma in '$RAID_CTL_CMD' (qemu's option separator)"
 
@@ -118,13 +132,16 @@ RAID_CTL_CMD="bash $VM_DIR/raid-servers.sh serve $WORK/raid"
 JOB=$WORK/job/job
 mkdir -p "$JOB/kernel" "$JOB/lib"
 check data-tree make_tree "$JOB/tree"
-cp "$KERNEL_DIR"/{suite.sh,checks.sh,nbd.sh,raid.sh} "$JOB/kernel/"
+cp "$KERNEL_DIR"/{suite.sh,checks.sh,nbd.sh,raid.sh,tls.sh} "$JOB/kernel/"
+if [[ -n $TLS_PORT ]]; then cp -R "$WORK/tls/client" "$JOB/tls"; fi
 cp "$KERNEL_DIR/../lib/report.sh" "$JOB/lib/"
 # shellcheck disable=SC2034 # read through ${!v} below
 NBD_HOST=$GUEST_FWD_IP NBD_PORT=$SERVER_PORT NBD_DEV=/dev/nbd0 TREE=/job/tree SUITE_WORK=/tmp/suite
+TLS_HOST=$GUEST_FWD_IP TLS_DIR=/job/tls
 RAID_HOST=$GUEST_FWD_IP RAID_PORT_A=$(raid_port a) RAID_PORT_B=$(raid_port b) RAID_DISK=/dev/vda
 for v in NBD_HOST NBD_PORT NBD_DEV TREE SUITE_WORK EXPORT_XFS EXPORT_BTRFS EXPORT_RAW \
     SIZE_DEFAULT SIZE_XFS SIZE_BTRFS SIZE_RAW SUITE_PARTS \
+    TLS_HOST TLS_PORT TLS_EXPORT TLS_HOSTNAME TLS_DIR \
     RAID_HOST RAID_PORT_A RAID_PORT_B RAID_CTL_PORT RAID_DISK RAID_NBD_TIMEOUT RAID_NBD_OPTS; do
     printf 'export %s=%q\n' "$v" "${!v}"
 done >"$JOB/env"
@@ -140,7 +157,7 @@ WZ_BYTES_BEFORE=$(metric "ramnbd_request_bytes_total{export=\"$EXPORT_RAW\",comm
 
 echo "vm: kernel $KVER, nbd-client $NBD_CLIENT_VERSION ($(grep -v '^nbd-client ' "$IMAGE/versions" | tr '\n' ',' | sed 's/,$//; s/,/, /g'))"
 echo "vm: $VM_CPUS vCPUs (TCG), server 127.0.0.1:$SERVER_PORT as $GUEST_FWD_IP:$SERVER_PORT, limit $VM_TIMEOUT s"
-VM_FWD_PORT="$SERVER_PORT $RAID_PORT_A $RAID_PORT_B" VM_FWD_CMD_PORT=$RAID_CTL_PORT VM_FWD_CMD=$RAID_CTL_CMD \
+VM_FWD_PORT="$SERVER_PORT $RAID_PORT_A $RAID_PORT_B${TLS_PORT:+ $TLS_PORT}" VM_FWD_CMD_PORT=$RAID_CTL_PORT VM_FWD_CMD=$RAID_CTL_CMD \
     VM_MEM=1024 VM_CONSOLE_FILTER="relabel_summary guest" \
     vm_run "$WORK/console.log" "$VM_TIMEOUT" "$IMAGE/vmlinux" "$WORK/initrd" \
     "console=ttyS0 panic=-1 oops=panic quiet mitigations=off" \
@@ -190,7 +207,10 @@ server_got_no_write_zeroes() {
         [ "$n" -eq 0 ] || die "export '$e' received $n WRITE_ZEROES from a kernel that has none"
     done
 }
-if [[ " $SUITE_PARTS " == *" nbd "* ]]; then
+if has_part tls; then
+    check tls-server-log tls_server_saw_guest "$WORK/console.log"
+fi
+if has_part nbd; then
     case $SERIES in
     6.1) check server-write-zeroes-never-sent server_got_no_write_zeroes ;;
     6.12) check server-write-zeroes-received server_got_write_zeroes ;;
@@ -198,6 +218,7 @@ if [[ " $SUITE_PARTS " == *" nbd "* ]]; then
 fi
 
 raid_servers_stop
+tls_server_stop
 server_stop
 
 guest_status=$(vm_guest_status "$WORK/console.log")
@@ -208,7 +229,13 @@ elif ! add_child_counts "$WORK/console.log"; then
 elif [[ -z $guest_status ]]; then
     fail vm-run "qemu exited with $VM_RC and no guest exit status (kernel panic or oops?)"
 fi
-if [[ $FAILED -gt 0 ]]; then server_log_tail; fi
+if [[ $FAILED -gt 0 ]]; then
+    server_log_tail
+    if [[ -n $TLS_LOG && -f $TLS_LOG ]]; then
+        echo "---- TLS server log (last 20 lines)"
+        tail -n 20 "$TLS_LOG" | sed 's/^/    | /'
+    fi
+fi
 
 echo "---- vm run, kernel $KVER, nbd-client $NBD_CLIENT_VERSION: $((SECONDS - VM_T0_S)) s (image $BUILD_S s, VM $VM_SECONDS s)"
 if ! summary; then
