@@ -14,6 +14,13 @@ fio's nbd engine (libnbd) asks for structured replies; the Linux kernel's client
 `--replies simple` makes fio do the same (reads then come back as simple replies). Writes are
 the same either way.
 
+`--tls`: every server requires TLS (ramnbd `--tls require`, nbdkit `--tls=require`, both with
+`--tls-certificates` naming a CA and server certificate the script makes with openssl), and fio
+connects with `nbds://` / `nbds+unix://` URIs carrying `tls-certificates=DIR`. libnbd refuses a
+URI that names local files unless allowed, so fio and nbdinfo run with a small shim preloaded
+(built with gcc) that allows it. Unless --rows says otherwise, --tls runs the rows randread-qd32,
+randwrite-qd32, read-1m and write-1m.
+
 Rows (ids for --rows):
   randread-qd1    4k random reads, 1 in flight (the table also gives mean latency)
   randread-qd32   4k random reads, 32 in flight
@@ -26,7 +33,7 @@ Rows (ids for --rows):
 
     client-tests/bench.py [--reps 3] [--seconds 5] [--transport unix|tcp|both]
                           [--rows ID,...] [--servers ramnbd,nbdkit-1.32,nbdkit-1.42]
-                          [--replies structured|simple] [--quick] [--json FILE]
+                          [--replies structured|simple] [--tls] [--quick] [--json FILE]
                           [--ramnbd PATH]
 
 ramnbd is RAMNBD_BIN, else target/release/ramnbd: build it first (`cargo build --release -p
@@ -76,39 +83,20 @@ ROWS = {
     "first-fill": Row("1M first fill QD8", "write", "1M", 8, fresh=True),
 }
 EXPORT_SIZE = "1G"
+# What --tls runs unless --rows says otherwise.
+TLS_ROWS = ["randread-qd32", "randwrite-qd32", "read-1m", "write-1m"]
 REGION = "512M"  # what the rows on the prefilled servers touch
 QUICK_REGION = "64M"
 
-# fio's nbd engine is libnbd, which asks for structured replies, so reads come back as
-# OFFSET_DATA chunks. The Linux kernel's client never asks: it gets simple replies. Preloaded
-# into fio, this makes libnbd not ask either (`--replies simple`). No libnbd headers needed.
-SIMPLE_REPLIES_SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdbool.h>
-struct nbd_handle;
-extern int nbd_set_request_structured_replies(struct nbd_handle *, bool);
-struct nbd_handle *nbd_create(void) {
-    struct nbd_handle *(*real)(void) = (struct nbd_handle *(*)(void))dlsym(RTLD_NEXT, "nbd_create");
-    struct nbd_handle *h = real();
-    if (h)
-        nbd_set_request_structured_replies(h, false);
-    return h;
-}
-"""
 
 
-def fio_env(replies, tmp):
-    """The environment fio runs in: as is, or with the simple-replies shim preloaded."""
-    if replies == "structured":
+def fio_env(replies, tmp, tls):
+    """The environment fio runs in: as is, or with benchlib's client shim preloaded, which makes
+    libnbd ask for simple replies (`--replies simple`; the Linux kernel's client never asks for
+    structured ones) and lets it read an nbds URI's certificates directory (`--tls`)."""
+    if replies == "structured" and not tls:
         return None
-    source, shim = os.path.join(tmp, "simple-replies.c"), os.path.join(tmp, "simple-replies.so")
-    with open(source, "w") as f:
-        f.write(SIMPLE_REPLIES_SHIM)
-    if shutil.which("gcc") is None:
-        sys.exit("--replies simple needs gcc (Debian package gcc)")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", shim, source, "-ldl"], check=True)
-    return dict(os.environ, LD_PRELOAD=shim)
+    return benchlib.client_env(tmp, simple_replies=replies == "simple")
 
 
 def busy_seconds():
@@ -172,39 +160,43 @@ def measure(server, row, size, seconds, env):
     return sample
 
 
-def advertised(server, env):
+def advertised(server, env, replies):
     """The export as nbdinfo sees it, minus what differs between runs, and whether a client
     in fio's environment gets structured replies."""
     info = server.info(env)
-    if env and info["structured"]:
+    if replies == "simple" and info["structured"]:
         sys.exit("the simple-replies shim did not take: nbdinfo still negotiates structured replies")
     export = info["exports"][0]
-    return {"structured_replies": info["structured"],
+    if server.tls_dir and not info.get("TLS"):
+        sys.exit(f"{server.kind}: nbdinfo did not negotiate TLS")
+    return {"structured_replies": info["structured"], "tls": info.get("TLS", False),
             **{k: v for k, v in export.items() if k not in ("uri", "export-name")}}
 
 
-def run_transport(transport, kinds, rows, reps, seconds, region, replies, log):
+def run_transport(transport, kinds, rows, reps, seconds, region, replies, tls, log):
     results = {rid: {k: [] for k in kinds} for rid in rows}
     info = {}
     steady_rows = [rid for rid in rows if not ROWS[rid].fresh]
     with tempfile.TemporaryDirectory(prefix="ramnbd-bench-", dir="/tmp") as tmp, \
             contextlib.ExitStack() as stack:
-        env = fio_env(replies, tmp)
+        env = fio_env(replies, tmp, tls)
+        tls_dir = benchlib.make_pki(tmp) if tls else None
         servers = {}
         if steady_rows:
             for kind in kinds:
                 servers[kind] = stack.enter_context(
-                    benchlib.start(kind, EXPORT_SIZE, transport, tmp))
-                info[kind] = advertised(servers[kind], env)
-                fio(servers[kind].uri, ROWS["write-1m"], region)  # the prefill
+                    benchlib.start(kind, EXPORT_SIZE, transport, tmp, tls_dir=tls_dir))
+                info[kind] = advertised(servers[kind], env, replies)
+                fio(servers[kind].uri, ROWS["write-1m"], region, env=env)  # the prefill
         for rep in range(reps):
             order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
             for rid in rows:
                 row = ROWS[rid]
                 for kind in order:
                     if row.fresh:
-                        with benchlib.start(kind, EXPORT_SIZE, transport, tmp) as fresh:
-                            info.setdefault(kind, advertised(fresh, env))
+                        with benchlib.start(kind, EXPORT_SIZE, transport, tmp,
+                                            tls_dir=tls_dir) as fresh:
+                            info.setdefault(kind, advertised(fresh, env, replies))
                             sample = measure(fresh, row, EXPORT_SIZE, None, env)
                             sample["rss_after_mib"] = fresh.rss_bytes() / 2**20
                     else:
@@ -227,7 +219,7 @@ def fmt(value, unit=None):
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def markdown(transport, kinds, rows, results):
+def markdown(transport, kinds, rows, results, tls=False):
     nbdkits = [k for k in kinds if k != "ramnbd"] if "ramnbd" in kinds else []
     head = ["row", "unit", *kinds, *(f"ramnbd / {k}" for k in nbdkits),
             *(f"CPU µs/req {k}" for k in kinds), *(f"CPU ramnbd / {k}" for k in nbdkits)]
@@ -250,7 +242,7 @@ def markdown(transport, kinds, rows, results):
     others = [s["other_cores"] for res in results.values() for k in kinds for s in res[k]]
     notes.append(f"Other processes used a median {statistics.median(others):.2f} cores "
                  f"(max {max(others):.2f}) of the {os.cpu_count()} during the fio runs.")
-    title = {"unix": "Unix socket", "tcp": "TCP 127.0.0.1"}[transport]
+    title = {"unix": "Unix socket", "tcp": "TCP 127.0.0.1"}[transport] + (", TLS" if tls else "")
     return f"### {title}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -265,7 +257,11 @@ def main():
     parser.add_argument("--reps", type=int, help="rounds per row (default 3; --quick: 1)")
     parser.add_argument("--seconds", type=int, help="seconds per fio run (default 5; --quick: 1)")
     parser.add_argument("--transport", choices=["unix", "tcp", "both"], default="both")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row ids")
+    parser.add_argument("--rows", help="comma-separated row ids (default: all; --tls: "
+                        + ",".join(TLS_ROWS) + ")")
+    parser.add_argument("--tls", action="store_true",
+                        help="every server requires TLS (certificates made with openssl), and "
+                        "fio connects with nbds URIs (through benchlib's shim; needs gcc)")
     parser.add_argument("--servers", default=",".join(benchlib.KINDS),
                         help="comma-separated, from: " + ", ".join(benchlib.KINDS))
     parser.add_argument("--quick", action="store_true",
@@ -282,7 +278,7 @@ def main():
     reps = args.reps or (1 if args.quick else 3)
     seconds = args.seconds or (1 if args.quick else 5)
     region = QUICK_REGION if args.quick else REGION
-    rows = args.rows.split(",")
+    rows = args.rows.split(",") if args.rows else TLS_ROWS if args.tls else list(ROWS)
     kinds = args.servers.split(",")
     transports = ["unix", "tcp"] if args.transport == "both" else [args.transport]
     for rid in rows:
@@ -291,7 +287,10 @@ def main():
     for kind in kinds:
         if why := benchlib.missing(kind):
             sys.exit(f"server {kind}: {why} (or leave it out with --servers)")
-    for tool, package in [("fio", "fio"), ("nbdinfo", "libnbd-bin")]:
+    tools = [("fio", "fio"), ("nbdinfo", "libnbd-bin")]
+    if args.tls:
+        tools += [("openssl", "openssl"), ("gcc", "gcc")]
+    for tool, package in tools:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: install the Debian package {package}")
     benchlib.exit_on_signals()
@@ -308,7 +307,7 @@ def main():
         "ramnbd_bin": benchlib.ramnbd_binary() if "ramnbd" in kinds else None,
         "git": subprocess.run(["git", "-C", benchlib.REPO, "describe", "--always", "--dirty"],
                               capture_output=True, text=True).stdout.strip(),
-        "settings": {"reps": reps, "seconds": seconds, "replies": args.replies,
+        "settings": {"reps": reps, "seconds": seconds, "replies": args.replies, "tls": args.tls,
                      "export_size": EXPORT_SIZE,
                      "region": region, "rows": {rid: vars(ROWS[rid]) for rid in rows}},
         "load_before": loadavg(), "transports": {},
@@ -318,17 +317,18 @@ def main():
     tables = []
     for transport in transports:
         results, info = run_transport(transport, kinds, rows, reps, seconds, region,
-                                      args.replies, log)
+                                      args.replies, args.tls, log)
         report["transports"][transport] = {"advertised": info, "rows": {
             rid: {"label": ROWS[rid].label, "unit": ROWS[rid].unit, "servers": {
                 k: {"median": {key: median_of(results[rid][k], key)
                                for key in results[rid][k][0]},
                     "samples": results[rid][k]} for k in kinds}} for rid in rows}}
-        tables.append(markdown(transport, kinds, rows, results))
+        tables.append(markdown(transport, kinds, rows, results, args.tls))
     report["wall_s"] = time.monotonic() - began
     report["load_after"] = loadavg()
 
-    print(f"fio {report['fio']} `nbd` engine, {args.replies} replies; {reps} rounds × "
+    tls = ", TLS required (P-256 server key)" if args.tls else ""
+    print(f"fio {report['fio']} `nbd` engine, {args.replies} replies{tls}; {reps} rounds × "
           f"{seconds:g} s per row, servers interleaved; medians. {EXPORT_SIZE} exports, {region} prefilled region; "
           f"{os.cpu_count()} CPUs; {report['date']}; "
           f"load average {report['load_before'][0]:.2f} before, "

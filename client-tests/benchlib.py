@@ -10,6 +10,11 @@ Three kinds, each serving one RAM export on a Unix socket or a TCP port on 127.0
         run_fio(server.uri)
         print(server.cpu_seconds(), server.rss_bytes())
 
+With `tls_dir` (a directory from `make_pki`), a server requires TLS (ramnbd `--tls require`,
+nbdkit `--tls=require`) with the certificates there, and `uri` is an `nbds` URI naming that
+directory for the client. libnbd refuses such a URI unless allowed to read local files, so
+clients run in `client_env(tmpdir)`, which preloads a shim that allows it (built with gcc).
+
 Every server runs in a session of its own, so a Ctrl-C reaches the bench (and its fio) but not
 the servers, and the bench's `with` blocks then stop them (SIGTERM, SIGKILL after a timeout);
 PR_SET_PDEATHSIG stops them if the bench itself is killed outright. Call `exit_on_signals()`
@@ -88,8 +93,10 @@ def _die_with_parent():
 class Server:
     """One running server process; a context manager that stops it on exit."""
 
-    def __init__(self, kind, cmd, transport, tmpdir, unix_path=None, port=None):
-        self.kind, self.transport = kind, transport
+    def __init__(self, kind, cmd, transport, tmpdir, unix_path=None, port=None, tls_dir=None):
+        self.kind, self.transport, self.tls_dir = kind, transport, tls_dir
+        # What nbdinfo runs in: with TLS, libnbd must be allowed the certificates directory.
+        self.client_env = client_env(tmpdir) if tls_dir else None
         self.log_path = os.path.join(tmpdir, f"{kind}-{next(_serial)}.log")
         self.unix_path, self.port = unix_path, port
         with open(self.log_path, "wb") as log:
@@ -99,6 +106,10 @@ class Server:
 
     @property
     def uri(self):
+        if self.tls_dir:
+            if self.transport == "unix":
+                return f"nbds+unix:///?socket={self.unix_path}&tls-certificates={self.tls_dir}"
+            return f"nbds://127.0.0.1:{self.port}/?tls-certificates={self.tls_dir}"
         if self.transport == "unix":
             return f"nbd+unix:///?socket={self.unix_path}"
         return f"nbd://127.0.0.1:{self.port}/"
@@ -127,7 +138,8 @@ class Server:
 
     def _nbdinfo(self, env=None):
         return subprocess.run(["nbdinfo", "--json", "--no-content", self.uri],
-                              capture_output=True, text=True, timeout=20, env=env)
+                              capture_output=True, text=True, timeout=20,
+                              env=env or self.client_env)
 
     def info(self, env=None):
         """What the server advertises (nbdinfo --json): sizes, flags, block size constraints."""
@@ -186,11 +198,13 @@ class _Ramnbd(Server):
             self.port = int(found.group(1))
 
 
-def start(kind, size, transport, tmpdir, extra=()):
+def start(kind, size, transport, tmpdir, extra=(), tls_dir=None):
     """Starts a server of `kind` with one export of `size` (binary units, e.g. "1G") on
     `transport` ("unix": a socket in tmpdir, which must lie under /tmp for nbdkit-1.42; "tcp":
     127.0.0.1). `extra` goes to the command line: ramnbd options, or nbdkit plugin parameters
-    such as "allocator=malloc". Returns the Server once it answers NBD."""
+    such as "allocator=malloc". With `tls_dir` (see `make_pki`; under /tmp for nbdkit-1.42),
+    the server requires TLS with the certificates there. Returns the Server once it answers
+    NBD."""
     if why := missing(kind):
         sys.exit(f"cannot start {kind}: {why}")
     if transport not in ("unix", "tcp"):
@@ -206,17 +220,21 @@ def start(kind, size, transport, tmpdir, extra=()):
         listen = ["-i", "127.0.0.1", "-p", str(port)]
     if kind == "ramnbd":
         # Keep the log level at info or above: the "listening on" lines are the ready signal.
-        cmd = [ramnbd_binary(), "--no-config", "-s", size, *listen, *extra]
-        server = _Ramnbd(kind, cmd, transport, tmpdir, unix_path, port)
+        tls = ["--tls", "require", "--tls-certificates", tls_dir] if tls_dir else []
+        cmd = [ramnbd_binary(), "--no-config", "-s", size, *listen, *tls, *extra]
+        server = _Ramnbd(kind, cmd, transport, tmpdir, unix_path, port, tls_dir)
     else:
-        cmd = ["nbdkit", "-f", *listen, "memory", size, *extra]
+        tls = ["--tls=require", f"--tls-certificates={tls_dir}"] if tls_dir else []
+        cmd = ["nbdkit", "-f", *listen, *tls, "memory", size, *extra]
         if kind == "nbdkit-1.42":
             # The wrapper execs all the way (unshare, sh, chroot, sh, nbdkit), so the PID is
             # nbdkit's own and /proc/PID/stat counts nbdkit's CPU; checked below.
             if unix_path and not unix_path.startswith("/tmp/"):
                 raise ValueError("nbdkit-1.42 sees only the host's /tmp: put tmpdir under /tmp")
+            if tls_dir and not tls_dir.startswith("/tmp/"):
+                raise ValueError("nbdkit-1.42 sees only the host's /tmp: put tls_dir under /tmp")
             cmd = [TRIXIE_RUN, *cmd]
-        server = Server(kind, cmd, transport, tmpdir, unix_path, port)
+        server = Server(kind, cmd, transport, tmpdir, unix_path, port, tls_dir)
     try:
         server.wait_ready()
         comm = server._proc_file("comm").strip()
@@ -237,3 +255,78 @@ def version(kind):
         if kind == "nbdkit-1.42":
             cmd = [TRIXIE_RUN, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+SERVER_EXT = """subjectAltName=DNS:localhost,IP:127.0.0.1
+extendedKeyUsage=serverAuth
+basicConstraints=CA:FALSE
+keyUsage=digitalSignature,keyEncipherment
+"""
+
+
+def make_pki(tmpdir):
+    """A CA and a server certificate for 127.0.0.1 (P-256 keys) in a new directory in tmpdir,
+    in nbdkit's layout, which ramnbd reads too and libnbd, for the CA, as well: ca-cert.pem,
+    server-cert.pem, server-key.pem. Returns the directory."""
+    if shutil.which("openssl") is None:
+        sys.exit("openssl not found: install the Debian package openssl")
+    pki = os.path.join(tmpdir, "pki")
+    os.mkdir(pki)
+
+    def openssl(*args):
+        out = subprocess.run(["openssl", *args], cwd=pki, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"openssl {' '.join(args)} failed:\n{out.stderr.strip()}")
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "30",
+            "-subj", "/CN=ramnbd bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    with open(os.path.join(pki, "server.ext"), "w") as f:
+        f.write(SERVER_EXT)
+    openssl("req", "-new", *ec, "-keyout", "server-key.pem", "-out", "server.csr",
+            "-subj", "/CN=localhost")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-out", "server-cert.pem", "-days", "30", "-extfile", "server.ext")
+    # nbdkit reads the key as whoever runs it; keep it from other users all the same.
+    os.chmod(os.path.join(pki, "server-key.pem"), 0o600)
+    return pki
+
+
+# Preloaded into a libnbd client (fio, nbdinfo): each new handle may read local files, which an
+# nbds URI's tls-certificates=DIR needs (libnbd refuses it by default), and, with
+# SIMPLE_REPLIES defined, does not ask for structured replies. No libnbd headers needed.
+CLIENT_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdbool.h>
+struct nbd_handle;
+extern int nbd_set_request_structured_replies(struct nbd_handle *, bool);
+extern int nbd_set_uri_allow_local_file(struct nbd_handle *, bool);
+struct nbd_handle *nbd_create(void) {
+    struct nbd_handle *(*real)(void) = (struct nbd_handle *(*)(void))dlsym(RTLD_NEXT, "nbd_create");
+    struct nbd_handle *h = real();
+    if (h) {
+        nbd_set_uri_allow_local_file(h, true);
+#ifdef SIMPLE_REPLIES
+        nbd_set_request_structured_replies(h, false);
+#endif
+    }
+    return h;
+}
+"""
+
+
+def client_env(tmpdir, simple_replies=False):
+    """The environment for a libnbd client in tmpdir: CLIENT_SHIM preloaded (built once)."""
+    name = "client-shim-simple" if simple_replies else "client-shim"
+    source, shim = os.path.join(tmpdir, name + ".c"), os.path.join(tmpdir, name + ".so")
+    if not os.path.exists(shim):
+        if shutil.which("gcc") is None:
+            sys.exit("the libnbd client shim needs gcc (Debian package gcc)")
+        with open(source, "w") as f:
+            f.write(CLIENT_SHIM)
+        defines = ["-DSIMPLE_REPLIES"] if simple_replies else []
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", *defines, "-o", shim, source, "-ldl"],
+                       check=True)
+    return dict(os.environ, LD_PRELOAD=shim)

@@ -939,3 +939,269 @@ fn allow_identity_matches_the_verified_certificate_cn() {
         "{line}"
     );
 }
+
+/// argv: the nbds URI. A WRITE and a READ awaited, then 8 WRITEs and 8 READs of 4 KiB sent
+/// without reading their replies; says so and waits for a line on stdin (the test hands the
+/// server over before sending it). Then every reply must arrive, the connection must be
+/// closed, and a new TLS connection must read back what the old one wrote.
+const TLS_THROUGH_HAND_OVER: &str = r#"
+import signal, sys, nbd
+signal.alarm(120)
+uri = sys.argv[1]
+
+def connect():
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(uri)
+    assert h.get_tls_negotiated(), "TLS not negotiated"
+    return h
+
+def fill(i):
+    return bytes([i + 1]) * 4096
+
+h = connect()
+h.pwrite(b"\x5a" * 4096, 0)
+assert h.pread(4096, 0) == b"\x5a" * 4096
+writes = [h.aio_pwrite(fill(i), (i + 1) * 65536) for i in range(8)]
+reads = []
+for i in range(8):
+    buf = nbd.Buffer(4096)
+    reads.append((buf, h.aio_pread(buf, 0)))
+print("in flight", h.aio_in_flight(), flush=True)
+sys.stdin.readline()
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for cookie in writes:
+    assert h.aio_command_completed(cookie)
+for buf, cookie in reads:
+    assert h.aio_command_completed(cookie)
+    assert buf.to_bytearray() == b"\x5a" * 4096
+print("every reply arrived", flush=True)
+try:
+    h.pread(4096, 0)
+    sys.exit("the old server kept the TLS connection open")
+except nbd.Error as err:
+    print("closed:", err, flush=True)
+h = connect()
+for i in range(8):
+    assert h.pread(4096, (i + 1) * 65536) == fill(i), "WRITE %d lost" % i
+h.shutdown()
+print("new TLS connection OK")
+"#;
+
+/// argv: the nbd URI. A plaintext connection: a WRITE and a READ, then (after a line on stdin)
+/// the same data read and another WRITE and READ, on the connection the new server adopted.
+const PLAIN_THROUGH_HAND_OVER: &str = r#"
+import signal, sys, nbd
+signal.alarm(120)
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert not h.get_tls_negotiated()
+h.pwrite(b"\xa5" * 4096, 1 << 20)
+assert h.pread(4096, 1 << 20) == b"\xa5" * 4096
+print("ready", flush=True)
+sys.stdin.readline()
+assert h.pread(4096, 1 << 20) == b"\xa5" * 4096
+h.pwrite(b"\x3c" * 4096, 2 << 20)
+assert h.pread(4096, 2 << 20) == b"\x3c" * 4096
+h.shutdown()
+print("plain OK")
+"#;
+
+/// What the in-process servers of one test log: a subscriber for every thread of its runtime.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    fn runtime(&self) -> tokio::runtime::Runtime {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let dispatch = tracing::Dispatch::new(subscriber);
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .on_thread_start(move || {
+                // For the thread's life, which is the runtime's.
+                std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+            })
+            .build()
+            .unwrap()
+    }
+}
+
+/// Requests counted by a server's metrics (each when its reply was completely written).
+fn requests(metrics: &Arc<ramnbd::metrics::Metrics>) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|line| line.starts_with("ramnbd_requests_total{"))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// A hand-over (the binary's first SIGTERM with the fd store in use; here two in-process
+/// servers, as in handover.rs, sharing one listening socket as the fd store passes it on)
+/// with a TLS and a plaintext libnbd connection open: the TLS one cannot move (its keys live
+/// in the old process), so its requests are answered, it is closed and logged; the plaintext
+/// one is handed over; the new server serves new TLS connections on the same socket.
+fn tls_connections_are_closed_not_handed_over(clients: Clients) {
+    use ramnbd::config::ExportConfig;
+    use ramnbd::export::Exports;
+    use ramnbd::metrics::Metrics;
+    use ramnbd::server::{self, Listener, ServeOptions};
+    use ramnbd::shutdown::{Phase, Shutdown};
+    use ramnbd::tls::{Credentials, Tls, TlsMode};
+
+    let pki = Pki::new();
+    let log = CapturedLog::default();
+    let runtime = log.runtime();
+    let credentials = Arc::new(Credentials::load(&pki.path("server"), false).unwrap());
+    let config = ExportConfig {
+        name: "disk".to_owned(),
+        size: 64 * MIB,
+        ..Default::default()
+    };
+    let exports = Arc::new(Exports::new(&[config]).unwrap());
+    let options = |metrics| ServeOptions {
+        max_connections: 8,
+        max_connections_per_client: 0,
+        handshake_timeout: None,
+        tcp_keepalive: None,
+        allow: Vec::new(),
+        shutdown_grace: Duration::from_secs(30),
+        metrics: Some(metrics),
+        tls: Tls::new(TlsMode::On, Arc::clone(&credentials)),
+    };
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let listener = |socket: &std::net::TcpListener| {
+        let _entered = runtime.enter();
+        Listener::Tcp(tokio::net::TcpListener::from_std(socket.try_clone().unwrap()).unwrap())
+    };
+    let old_metrics = Metrics::new(Arc::clone(&exports));
+    let old = Shutdown::new();
+    let first = runtime.spawn(server::serve(
+        vec![listener(&socket)],
+        Arc::clone(&exports),
+        options(Arc::clone(&old_metrics)),
+        old.clone(),
+    ));
+
+    let spawn = |script: &str, uri: String| {
+        let mut child = clients
+            .command(PYTHON)
+            .arg("-c")
+            .arg(script)
+            .arg(uri)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        (child, stdout)
+    };
+    let first_line = |stdout: &mut BufReader<std::process::ChildStdout>| {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line
+    };
+    let tls_uri = format!(
+        "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+        pki.shown("anonymous")
+    );
+    let (mut tls_child, mut tls_out) = spawn(TLS_THROUGH_HAND_OVER, tls_uri);
+    let line = first_line(&mut tls_out);
+    assert_eq!(line, "in flight 16\n");
+    let (mut plain_child, mut plain_out) = spawn(
+        PLAIN_THROUGH_HAND_OVER,
+        format!("nbd://127.0.0.1:{port}/disk"),
+    );
+    assert_eq!(first_line(&mut plain_out), "ready\n");
+    // Every request has reached the old server and been answered (its replies wait unread
+    // in the socket) before the hand-over: TLS 2 + 16, plaintext 2.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while requests(&old_metrics) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 20 requests answered",
+            requests(&old_metrics)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    old.hand_over();
+    let handed_over = runtime.block_on(first).unwrap();
+    assert_eq!(handed_over.len(), 1, "the plaintext connection only");
+    let text = log.text();
+    let closed: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("TLS connection closed, not handed over"))
+        .collect();
+    assert_eq!(closed.len(), 1, "{text}");
+    eprintln!("server log: {}", closed[0]);
+
+    // The restart's pause, then the new process: the adopted connection and the same socket.
+    std::thread::sleep(Duration::from_millis(200));
+    let new_metrics = Metrics::new(Arc::clone(&exports));
+    let new = Shutdown::new();
+    let second = runtime.spawn(server::serve_adopting(
+        vec![listener(&socket)],
+        handed_over,
+        Arc::clone(&exports),
+        options(Arc::clone(&new_metrics)),
+        new.clone(),
+    ));
+    for child in [&mut tls_child, &mut plain_child] {
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    }
+    let status = tls_child.wait().unwrap();
+    let rest: Vec<String> = tls_out.lines().map(Result::unwrap).collect();
+    eprintln!("TLS client: {rest:?}");
+    assert!(status.success(), "the TLS client failed: {rest:?}");
+    assert_eq!(
+        rest.first().map(String::as_str),
+        Some("every reply arrived")
+    );
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("new TLS connection OK")
+    );
+    let status = plain_child.wait().unwrap();
+    let rest: Vec<String> = plain_out.lines().map(Result::unwrap).collect();
+    assert!(status.success(), "the plaintext client failed: {rest:?}");
+    assert_eq!(rest, ["plain OK"]);
+    new.advance(Phase::Stopping);
+    assert!(runtime.block_on(second).unwrap().is_empty());
+
+    let (before, after) = (requests(&old_metrics), requests(&new_metrics));
+    eprintln!("requests answered before the hand-over: {before}, after: {after}");
+    assert_eq!(before, 20, "none answered twice, none after the hand-over");
+    // Plaintext: READ, WRITE, READ on the adopted connection; TLS: 8 READs on a new one.
+    assert_eq!(after, 11);
+    // The TLS connection on each server.
+    let text = log.text();
+    let tls_sessions = text
+        .lines()
+        .filter(|line| line.contains("transmission started") && line.contains("tls=true"))
+        .count();
+    assert_eq!(tls_sessions, 2, "{text}");
+}
+both_generations!(tls_connections_are_closed_not_handed_over);
