@@ -84,9 +84,9 @@ pub struct Cli {
     #[arg(short, long, value_name = "SIZE", conflicts_with = "exports")]
     pub size: Option<String>,
 
-    /// Add an export: NAME=SIZE[,ro][,max-memory=SIZE][,image=PATH][,save-interval=DURATION]
-    /// [,tls=require][,allow=CIDR][,allow-uid=UID][,allow-gid=GID][,allow-identity=NAME][,description=TEXT].
-    /// Repeatable; when given, there is no default export. An empty NAME (`=1G`) is the default
+    /// Add an export: NAME=SIZE[,OPTION]..., where each OPTION is one of ro, max-memory=SIZE,
+    /// image=PATH, save-interval=DURATION, tls=require, allow=CIDR, allow-uid=UID,
+    /// allow-gid=GID, allow-identity=NAME, description=TEXT. Repeatable; when given, there is no default export. An empty NAME (`=1G`) is the default
     /// export. The description runs to the end of the argument, commas included. The allow
     /// options repeat and restrict who may see and use the export: allow= TCP networks,
     /// allow-uid=/allow-gid= Unix-socket peers, allow-identity= verified TLS certificate
