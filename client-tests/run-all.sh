@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README's second set-up command and CI run it:
 #   lint -> build -> Debian 13 client folder -> Rust unit and integration tests (raw client, nbd
-#   crate, and libnbd, qemu, fio of both Debian 12 and Debian 13) -> fuzzing, 45 s per target
+#   crate, and libnbd, qemu, fio of both Debian 12 and Debian 13) -> fuzzing, 30 s per target
 #   -> filesystems over nbdfuse + loop -> the kernel's nbd-client in a VM, twice: Debian 12's
 #   kernel 6.1 with nbd-client 3.24, and Debian 13's 6.12 (which sends WRITE_ZEROES) with
 #   nbd-client 3.26 -> the Debian package (lintian, man pages, promtool) -> systemd in a VM,
@@ -58,9 +58,9 @@ step trixie-clients client-tests/trixie/build.sh
 # The integration tests and the scripts all drive this one optimised binary.
 export RAMNBD_BIN=$repo/target/release/ramnbd
 step cargo-test cargo test --workspace --locked
-# The network-facing decoders and a whole session under libFuzzer, 45 s per target (the seed
+# The network-facing decoders and a whole session under libFuzzer, 30 s per target (the seed
 # corpus in fuzz/corpus first); installs cargo-fuzz if it is missing.
-step fuzz bash fuzz/run.sh 45
+step fuzz bash fuzz/run.sh 30
 step fuse client-tests/fuse/run.sh
 # The Debian package (cargo deb; installs cargo-deb if missing), lintian, its contents, the
 # man pages, and promtool on the alert rules; the systemd VM installs this package.
