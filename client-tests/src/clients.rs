@@ -115,6 +115,20 @@ impl Clients {
         run_command(self.command(program).args(args))
     }
 
+    /// Runs a qemu tool (qemu-io, qemu-img) of this generation; returns (success, stdout and
+    /// stderr). qemu-io reports a failed command in its output while exiting 0 on some
+    /// versions, so success needs a zero exit and no "failed" or "error" in the output.
+    pub fn run_qemu<S: AsRef<OsStr>>(self, program: &str, args: &[S]) -> (bool, String) {
+        let output = self.run(program, args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let ok = output.status.success() && !text.contains("failed") && !text.contains("error");
+        (ok, text)
+    }
+
     /// Runs `program ARGS` of this generation, which must succeed; returns its stdout.
     pub fn run_ok<S: AsRef<OsStr>>(self, program: &str, args: &[S]) -> String {
         run_command_ok(self.command(program).args(args))

@@ -274,14 +274,7 @@ both_generations!(libnbd_reads_and_writes_over_tls);
 
 /// qemu-io and qemu-img with `tls-creds-x509`: returns (success, output).
 fn qemu(clients: Clients, program: &str, args: &[&str]) -> (bool, String) {
-    let output = clients.run(program, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let ok = output.status.success() && !text.contains("failed") && !text.contains("error");
-    (ok, text)
+    clients.run_qemu(program, args)
 }
 
 fn qemu_reads_and_writes_over_tls(clients: Clients) {
