@@ -13,15 +13,21 @@
 //! never across an `.await` (the API is synchronous, and clippy's `await_holding_lock` is denied).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::alloc_map::AllocationMap;
 use super::backing::Backing;
-use super::{CHUNK_SIZE, PAGE_SIZE};
+use super::{CHUNK_SIZE, PAGE_SIZE, os};
 
 /// Number of chunk locks, whatever the export size.
 const LOCK_COUNT: usize = 1024;
+
+/// Set once `MADV_POPULATE_WRITE` has failed with `EINVAL` (a kernel older than 5.14): from
+/// then on pages are faulted in one at a time by the copies, without asking again.
+static POPULATE_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+/// Set once a failed populate has been logged, so a failing call costs no log line per write.
+static POPULATE_FAILURE_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// One chunk lock on its own cache line, so that neighbouring locks taken by different threads
 /// do not bounce a shared line between cores.
@@ -236,6 +242,41 @@ impl WriteGuard<'_> {
             ((1u64 << count) - 1) << first
         };
         self.chunks.map.clear(self.word, bits)
+    }
+
+    /// Faults in the whole pages of `pages` writable ahead of copies into them
+    /// (`MADV_POPULATE_WRITE`): one system call for the run instead of one page fault per page.
+    /// Changes no data and no allocation bit; the caller populates only pages it is about to
+    /// store into, so a page gets RAM exactly when it would have by being written. If the
+    /// system refuses (a kernel before 5.14, or no memory to populate with), nothing is lost:
+    /// the copies fault the pages in as before. Returns whether the run was populated.
+    pub(super) fn populate(&mut self, pages: Range<u64>) -> bool {
+        check_inside(&pages, &self.span);
+        assert!(
+            pages.start.is_multiple_of(PAGE_SIZE)
+                && (pages.end.is_multiple_of(PAGE_SIZE) || pages.end == self.span.end),
+            "{pages:?} is not a run of whole pages"
+        );
+        if POPULATE_UNSUPPORTED.load(Ordering::Relaxed) {
+            return false;
+        }
+        // The last page of an odd-sized export is populated whole: the mapping covers it.
+        let mapped = pages.start as usize..(pages.end.div_ceil(PAGE_SIZE) * PAGE_SIZE) as usize;
+        match os::populate_write(self.chunks.backing.map(), mapped) {
+            Ok(()) => true,
+            Err(err) => {
+                if err.raw_os_error() == Some(libc::EINVAL) {
+                    POPULATE_UNSUPPORTED.store(true, Ordering::Relaxed);
+                }
+                if !POPULATE_FAILURE_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(
+                        %err,
+                        "MADV_POPULATE_WRITE failed; pages are faulted in one at a time instead"
+                    );
+                }
+                false
+            }
+        }
     }
 
     /// Sets allocation bits; returns how many pages became newly allocated.

@@ -49,6 +49,10 @@ backing_tests!(
     budgets_writes_fail_at_the_cap_and_trim_makes_room,
     budgets_a_streamed_write_reserves_its_whole_range_first,
     budgets_a_shared_budget_caps_several_disks,
+    populate_makes_pages_resident_without_data_or_bits,
+    a_populated_fill_holds_exactly_its_data_pages,
+    a_populated_fill_holds_exactly_its_data_pages_mlocked,
+    a_populated_fill_that_hits_the_cap_populates_nothing,
 );
 
 #[test]
@@ -605,4 +609,144 @@ fn adoption_charges_the_caps_and_refuses_data_over_them() {
         0,
         "a dropped disk gives its pages back to the cap"
     );
+}
+
+// Populating holes ahead of a write (`MADV_POPULATE_WRITE`, `populate_runs`).
+
+/// Pages of `disk`'s mapping the kernel holds, whatever the allocation map says.
+fn mapped_resident_pages(disk: &RamDisk) -> u64 {
+    let mapping = disk.chunks.backing().map();
+    os::resident_pages(mapping, 0..mapping.len(), &mut Vec::new())
+}
+
+fn populate_makes_pages_resident_without_data_or_bits(kind: BackingKind) {
+    let disk = new_disk(kind, CHUNK_SIZE).unwrap();
+    assert_eq!(mapped_resident_pages(&disk), 0);
+    let mut guard = disk.chunks.write(0);
+    // Both test kernels and the host have MADV_POPULATE_WRITE (Linux >= 5.14).
+    assert!(guard.populate(3 * PAGE_SIZE..8 * PAGE_SIZE));
+    assert_eq!(guard.allocated(), 0, "populating sets no bit");
+    drop(guard);
+    assert_eq!(mapped_resident_pages(&disk), 5);
+    assert_eq!(
+        read(&disk, 0, CHUNK_SIZE as usize),
+        vec![0; CHUNK_SIZE as usize]
+    );
+}
+
+/// A write of `len` bytes at `offset` whose page `p` (of the export) holds zeroes when
+/// `zero(p)`, and the export pages it leaves holding data.
+fn mixed_write(offset: u64, len: u64, zero: impl Fn(u64) -> bool) -> (Vec<u8>, Vec<u64>) {
+    let data: Vec<u8> = (offset..offset + len)
+        .map(|at| {
+            if zero(at / PAGE_SIZE) {
+                0
+            } else {
+                (at % 251) as u8 | 1
+            }
+        })
+        .collect();
+    let first = offset / PAGE_SIZE;
+    let last = (offset + len - 1) / PAGE_SIZE;
+    (data, (first..=last).filter(|&p| !zero(p)).collect())
+}
+
+/// Pages 12..20 are zero except 15 (a lone data page between zero runs); otherwise every
+/// fifth page is zero (runs of four data pages).
+fn mixed_zero_page(p: u64) -> bool {
+    (12..20).contains(&p) && p != 15 || p % 5 == 2
+}
+
+fn populated_fill(options: MemoryOptions, budget: &MemoryBudget) {
+    let disk = RamDisk::with_options(4 * CHUNK_SIZE, &options).unwrap();
+    // Unaligned, across three chunks, partial pages at both ends (both holding data).
+    let (offset, len) = (3 * PAGE_SIZE + 100, 2 * CHUNK_SIZE + 5000);
+    let (data, held) = mixed_write(offset, len, mixed_zero_page);
+    disk.write(offset, &data).unwrap();
+    assert_eq!(read(&disk, offset, data.len()), data);
+    let held_bytes = held.len() as u64 * PAGE_SIZE;
+    assert_eq!(disk.allocated_bytes(), held_bytes);
+    assert_eq!(budget.used_bytes(), held_bytes);
+    // RAM only for the data pages: the zero pages among them were not populated.
+    assert_eq!(mapped_resident_pages(&disk), held.len() as u64);
+    assert_eq!(disk.resident_bytes(), held_bytes);
+    if options.backing == BackingKind::Memfd {
+        assert_eq!(memfd_bytes(&disk), held_bytes);
+    }
+    let data_pages: Vec<u64> = disk
+        .extents(0, disk.size())
+        .scan(0, |pos, (len, state)| {
+            let start = *pos;
+            *pos += len;
+            Some((start / PAGE_SIZE..*pos / PAGE_SIZE, state))
+        })
+        .filter(|(_, state)| *state == Extent::Data)
+        .flat_map(|(pages, _)| pages)
+        .collect();
+    assert_eq!(data_pages, held, "the allocation bits are the data pages");
+    // A streamed write of the same shape one chunk on: reserved whole, squared to the same.
+    let mut update = disk.start_write(offset + CHUNK_SIZE, len).unwrap();
+    let (data, _) = mixed_write(offset + CHUNK_SIZE, len, |p| mixed_zero_page(p - 64));
+    for part in data.chunks(100_000) {
+        update.write(part);
+    }
+    drop(update);
+    assert_eq!(budget.used_bytes(), disk.allocated_bytes());
+    assert_eq!(disk.resident_bytes(), disk.allocated_bytes());
+    assert_eq!(
+        mapped_resident_pages(&disk) * PAGE_SIZE,
+        disk.allocated_bytes()
+    );
+    // A trim gives everything back.
+    disk.zero(0, disk.size(), ZeroMode::Release).unwrap();
+    assert_eq!(budget.used_bytes(), 0);
+    assert_eq!(mapped_resident_pages(&disk), 0);
+}
+
+fn a_populated_fill_holds_exactly_its_data_pages(kind: BackingKind) {
+    let budget = Arc::new(MemoryBudget::new(1 << 30));
+    let options = MemoryOptions {
+        budgets: vec![Arc::clone(&budget)],
+        backing: kind,
+        name: "test".into(),
+        ..Default::default()
+    };
+    populated_fill(options, &budget);
+}
+
+fn a_populated_fill_holds_exactly_its_data_pages_mlocked(kind: BackingKind) {
+    // 1 MiB: inside the default RLIMIT_MEMLOCK of 8 MiB.
+    let budget = Arc::new(MemoryBudget::new(1 << 30));
+    let options = MemoryOptions {
+        budgets: vec![Arc::clone(&budget)],
+        backing: kind,
+        mlock: true,
+        name: "test".into(),
+        ..Default::default()
+    };
+    populated_fill(options, &budget);
+}
+
+fn a_populated_fill_that_hits_the_cap_populates_nothing(kind: BackingKind) {
+    let (offset, len) = (PAGE_SIZE, CHUNK_SIZE);
+    let (data, held) = mixed_write(offset, len, mixed_zero_page);
+    let cap = held.len() as u64 * PAGE_SIZE;
+    let (disk, budget) = capped(kind, 4 * CHUNK_SIZE, cap);
+    disk.write(0, &[5; 2 * PAGE_SIZE as usize]).unwrap();
+    // Two pages short: refused before anything is populated or written.
+    assert_eq!(disk.write(offset, &data), Err(NoSpace));
+    assert_eq!(budget.used_bytes(), 2 * PAGE_SIZE);
+    assert_eq!(mapped_resident_pages(&disk), 2);
+    assert_eq!(read(&disk, 2 * PAGE_SIZE, 8), vec![0; 8]);
+    // With the room made, it fits the cap exactly: only its data pages were populated.
+    disk.zero(0, 2 * PAGE_SIZE, ZeroMode::Release).unwrap();
+    disk.write(offset, &data).unwrap();
+    assert_eq!(budget.used_bytes(), cap);
+    assert_eq!(disk.allocated_bytes(), cap);
+    assert_eq!(mapped_resident_pages(&disk) * PAGE_SIZE, cap);
+    assert_eq!(
+        disk.write(3 * CHUNK_SIZE, &[1; 2 * PAGE_SIZE as usize]),
+        Err(NoSpace)
+    );
+    assert_eq!(mapped_resident_pages(&disk) * PAGE_SIZE, cap);
 }
