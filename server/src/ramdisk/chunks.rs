@@ -3,8 +3,8 @@
 //! The export is cut into [`CHUNK_SIZE`] chunks. Every chunk is guarded by one of
 //! [`LOCK_COUNT`] cache-padded `RwLock`s (chunk index modulo the lock count, so a 1 TiB export
 //! costs no more lock memory than a small one). Copying out of a chunk is a method of its
-//! [`ReadGuard`]; copying in, zero-filling, checking for zeroes, giving pages back and setting
-//! allocation bits are methods of its [`WriteGuard`]. So "the lock is held" is a fact the
+//! [`ReadGuard`]; copying in, zero-filling, checking for zeroes, giving pages back, populating
+//! pages ahead of a copy and setting allocation bits are methods of its [`WriteGuard`]. So "the lock is held" is a fact the
 //! compiler checks, not a comment: no function here can reach the bytes without a guard, and
 //! every guard method checks that its range lies inside the guarded chunk (and inside the
 //! export), so no argument a caller passes can make an access unsound — a wrong one panics.
