@@ -1,14 +1,32 @@
 #!/usr/bin/env python3
-"""Throughput benchmark: ramnbd against nbdkit's memory plugin 1.32 and 1.42, in one run.
+"""Throughput benchmark: ramnbd against nbdkit's memory plugin 1.32 and 1.42, and nbdkit 1.42's
+null plugin as the transport ceiling, in one run.
 
-For each transport (a Unix socket, then TCP on 127.0.0.1) the three servers run side by side,
+For each transport (a Unix socket, then TCP on 127.0.0.1) the four servers run side by side,
 each with a 1 GiB export whose first 512 MiB are prefilled with random data, so that reads copy
-real pages rather than holes. Each round runs every row once against every server, the servers'
-order rotating between rounds, with fio's `nbd` engine (host fio). Per row the table shows each
-server's median throughput and median server CPU time per request: utime + stime from
-/proc/PID/stat over the fio run, divided by the requests fio completed. On a 2-core box where fio
-shares the CPUs with the server (and, here, with other people's work), wall-clock throughput is
-noisy; the CPU a server spends per request is the part the server controls.
+real pages rather than holes. nbdkit-null stores nothing (reads return zeroes, writes are
+dropped): it shows what the transport, fio and nbdkit's core cost with no store behind them,
+so it gets no prefill and no first-fill row ("—"). Each round runs every row once against every
+server, the servers' order rotating between rounds, with fio's `nbd` engine (host fio). Per row
+the table shows each server's median throughput and median server CPU time per request: utime +
+stime from /proc/PID/stat over the fio run, divided by the requests fio completed, and the
+ratios ramnbd / each other server. On a 2-core box where fio shares the CPUs with the server
+(and, here, with other people's work), wall-clock throughput is noisy; the CPU a server spends
+per request is the part the server controls.
+
+Under each table: the QD1 mean latency, the cores other processes used, and issue 12's targets,
+one line each, judged on the medians (✓ holds, ✗ misses): throughput ≥ 1.1× both nbdkit
+memory versions on every row; server CPU per request ≤ 0.7× nbdkit-1.32 on every row; 1 MiB
+sequential reads and writes ≥ 1.0× nbdkit-null; 4k QD1 mean latency ≤ 0.9× both nbdkit
+versions; first fill ≥ 1.3× both. A target whose row or server was not run is left out.
+
+The chart (`--chart FILE`, .svg or .png; default: the --json FILE with .svg, else
+/tmp/ramnbd-bench.svg) has, per transport, grouped bars per row by server in two panels:
+throughput relative to nbdkit-1.32 (ramnbd's own figure written on its bar) and server CPU µs
+per request on a log axis. It needs matplotlib (Debian's python3-matplotlib, for
+/usr/bin/python3; when another python3 runs the script, it starts again under that one);
+`--no-chart` leaves it out. `--from-json FILE` measures nothing: it prints the tables and draws
+the chart again from an earlier run's --json.
 
 fio's nbd engine (libnbd) asks for structured replies; the Linux kernel's client does not, and
 `--replies simple` makes fio do the same (reads then come back as simple replies). Writes are
@@ -18,8 +36,9 @@ the same either way.
 `--tls-certificates` naming a CA and server certificate the script makes with openssl), and fio
 connects with `nbds://` / `nbds+unix://` URIs carrying `tls-certificates=DIR`. libnbd refuses a
 URI that names local files unless allowed, so fio and nbdinfo run with a small shim preloaded
-(built with gcc) that allows it. Unless --rows says otherwise, --tls runs the rows randread-qd32,
-randwrite-qd32, read-1m and write-1m.
+(built with gcc) that allows it. nbdkit-null requires TLS too, so it is the ceiling for TLS.
+Unless --rows says otherwise, --tls runs the rows randread-qd32, randwrite-qd32, read-1m and
+write-1m.
 
 Rows (ids for --rows):
   randread-qd1    4k random reads, 1 in flight (the table also gives mean latency)
@@ -31,14 +50,16 @@ Rows (ids for --rows):
   first-fill      1 MiB sequential writes, 8 in flight, of the whole 1 GiB export of a freshly
                   started, empty server (a new server process each round): the allocation path
 
-    client-tests/bench.py [--reps 3] [--seconds 5] [--transport unix|tcp|both]
-                          [--rows ID,...] [--servers ramnbd,nbdkit-1.32,nbdkit-1.42]
+    client-tests/bench.py [--reps 4] [--seconds 5] [--transport unix|tcp|both]
+                          [--rows ID,...] [--servers ramnbd,nbdkit-1.32,nbdkit-1.42,nbdkit-null]
                           [--replies structured|simple] [--tls] [--quick] [--json FILE]
-                          [--ramnbd PATH]
+                          [--chart FILE | --no-chart] [--ramnbd PATH]
+    client-tests/bench.py --from-json FILE [--chart FILE]
 
 ramnbd is RAMNBD_BIN, else target/release/ramnbd: build it first (`cargo build --release -p
-ramnbd`); nbdkit-1.42 needs the Debian 13 folder (client-tests/trixie/build.sh). Progress goes
-to stderr, one Markdown table per transport to stdout, everything measured to --json.
+ramnbd`); nbdkit-1.42 and nbdkit-null need the Debian 13 folder (client-tests/trixie/build.sh).
+Progress goes to stderr, one Markdown table per transport to stdout, everything measured to
+--json.
 """
 
 import argparse
@@ -317,14 +338,15 @@ def target_lines(report, transport):
         r, what = min(pairs) if higher else max(pairs)
         missed = sum((x < bound) if higher else (x > bound) for x, _ in pairs)
         side = "lowest" if higher else "highest"
-        text = f"{side} {r:.2f}× ({what}), {missed} of {len(pairs)} {'below' if higher else 'above'}"
-        return text, missed == 0
+        miss = "below" if higher else "above"
+        return f"{side} {r:.2f}× ({what}), {missed} of {len(pairs)} {miss}", missed == 0
 
     if nbdkits:
         pairs = [(ratio(throughput(trow, "ramnbd"), throughput(trow, k)),
                   f"{trow['label']} vs {k}") for trow in rows.values() for k in nbdkits]
         text, ok = worst(pairs, 1.1, True)
-        lines.append(f"- throughput ≥ 1.1× {' and '.join(nbdkits)}, every row: {text} {mark(ok)}")
+        lines.append(f"- throughput ≥ 1.1× {' and '.join(nbdkits)}, every row: "
+                     f"{text} {mark(ok)}")
     if "nbdkit-1.32" in kinds:
         pairs = [(ratio(median(trow, "ramnbd", "cpu_us_per_req"),
                         median(trow, "nbdkit-1.32", "cpu_us_per_req")), trow["label"])
@@ -335,7 +357,8 @@ def target_lines(report, transport):
         for rid in ("read-1m", "write-1m"):
             if rid in rows:
                 r = ratio(throughput(rows[rid], "ramnbd"), throughput(rows[rid], "nbdkit-null"))
-                lines.append(f"- {rows[rid]['label']} ≥ 1.0× nbdkit-null: {r:.2f}× {mark(r >= 1.0)}")
+                lines.append(f"- {rows[rid]['label']} ≥ 1.0× nbdkit-null: {r:.2f}× "
+                             f"{mark(r >= 1.0)}")
 
     def against(rid, key, what, bound, higher):
         figures = []
@@ -363,8 +386,8 @@ def ramnbd_at(report):
 def header(report):
     st = report["settings"]
     tls = ", TLS required (P-256 server key)" if st["tls"] else ""
-    return (f"fio {report['fio']} `nbd` engine, {st['replies']} replies{tls}; {st['reps']} rounds "
-            f"× {st['seconds']:g} s per row, servers interleaved; medians. {st['export_size']} "
+    return (f"fio {report['fio']} `nbd` engine, {st['replies']} replies{tls}; {st['reps']} "
+            f"round{'s' if st['reps'] != 1 else ''} × {st['seconds']:g} s per row, servers interleaved; medians. {st['export_size']} "
             f"exports, {st['region']} prefilled region; {report['cpus']} CPUs; {report['date']}; "
             f"{ramnbd_at(report)}; load average {report['load_before'][0]:.2f} before, "
             f"{report['load_after'][0]:.2f} after; {report['wall_s']:.0f} s.\n"
@@ -422,8 +445,9 @@ def chart(report, path):
     base = "nbdkit-1.32" if "nbdkit-1.32" in kinds else kinds[0]
     nrows = max(len(report["transports"][t]["rows"]) for t in transports)
     height = 0.8 / len(kinds)
+    inches = 1.3 + len(transports) * (0.9 + 0.16 * nrows * len(kinds))
     fig, axes = plt.subplots(len(transports), 2, squeeze=False, sharey="row",
-                             figsize=(13, 1.2 + len(transports) * (0.9 + 0.16 * nrows * len(kinds))))
+                             figsize=(13, inches))
     for t, transport in enumerate(transports):
         trows = list(report["transports"][transport]["rows"].values())
         name = {"unix": "Unix socket", "tcp": "TCP 127.0.0.1"}[transport] + \
@@ -439,12 +463,14 @@ def chart(report, path):
             cpu_ax.barh(ys, [v or 0 for v in cpu], **style)
             for y, trow, r, c in zip(ys, trows, rel, cpu):
                 if r is None:
-                    tput_ax.text(0.02, y, "not run (stores nothing)", va="center", fontsize=7, color="#666")
+                    tput_ax.text(0.02, y, "not run (stores nothing)", va="center", fontsize=7,
+                                 color="#666")
                     continue
                 if kind == "ramnbd":
                     label = f"{r:.2f}× · {absolute(throughput(trow, kind), trow['unit'])}"
                     tput_ax.text(r + 0.02, y, label, va="center", fontsize=7, fontweight="bold")
-                    cpu_ax.text(c * 1.04, y, f"{fmt(c)} µs", va="center", fontsize=7,
+                    cpu_ax.text(c * 1.06, y, f"{c:.0f} µs" if c >= 100 else f"{fmt(c)} µs",
+                                va="center", fontsize=7,
                                 fontweight="bold")
         tput_ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
         tput_ax.set_title(f"{name}: throughput / {base} (higher is better)")
@@ -455,6 +481,9 @@ def chart(report, path):
         right = max((ratio(throughput(trow, k), throughput(trow, base)) or 0)
                     for trow in trows for k in kinds)
         tput_ax.set_xlim(0, right * 1.3)
+        cpus = [median(trow, k, "cpu_us_per_req") for trow in trows for k in kinds]
+        cpus = [c for c in cpus if c]
+        cpu_ax.set_xlim(min(cpus) / 1.5, max(cpus) * 2.5)  # room for the labels
         for ax in (tput_ax, cpu_ax):
             ax.grid(axis="x", color="#ddd", linewidth=0.6, which="both")
             ax.set_axisbelow(True)
@@ -467,7 +496,8 @@ def chart(report, path):
                  f"medians of {st['reps']} × {st['seconds']:g} s\n{report['date']}, "
                  f"{ramnbd_at(report)}, {report['cpus']} CPUs, load average "
                  f"{report['load_before'][0]:.2f} → {report['load_after'][0]:.2f}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    # Room for the two title lines above and the legend below.
+    fig.tight_layout(rect=(0, 0.4 / inches, 1, 1 - 0.42 / inches))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, metadata={"Date": None} if path.endswith(".svg") else None, dpi=110)
     plt.close(fig)
