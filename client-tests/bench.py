@@ -1,14 +1,32 @@
 #!/usr/bin/env python3
-"""Throughput benchmark: ramnbd against nbdkit's memory plugin 1.32 and 1.42, in one run.
+"""Throughput benchmark: ramnbd against nbdkit's memory plugin 1.32 and 1.42, and nbdkit 1.42's
+null plugin as the transport ceiling, in one run.
 
-For each transport (a Unix socket, then TCP on 127.0.0.1) the three servers run side by side,
+For each transport (a Unix socket, then TCP on 127.0.0.1) the four servers run side by side,
 each with a 1 GiB export whose first 512 MiB are prefilled with random data, so that reads copy
-real pages rather than holes. Each round runs every row once against every server, the servers'
-order rotating between rounds, with fio's `nbd` engine (host fio). Per row the table shows each
-server's median throughput and median server CPU time per request: utime + stime from
-/proc/PID/stat over the fio run, divided by the requests fio completed. On a 2-core box where fio
-shares the CPUs with the server (and, here, with other people's work), wall-clock throughput is
-noisy; the CPU a server spends per request is the part the server controls.
+real pages rather than holes. nbdkit-null stores nothing (reads return zeroes, writes are
+dropped): it shows what the transport, fio and nbdkit's core cost with no store behind them,
+so it gets no prefill and no first-fill row ("—"). Each round runs every row once against every
+server, the servers' order rotating between rounds, with fio's `nbd` engine (host fio). Per row
+the table shows each server's median throughput and median server CPU time per request: utime +
+stime from /proc/PID/stat over the fio run, divided by the requests fio completed, and the
+ratios ramnbd / each other server. On a 2-core box where fio shares the CPUs with the server
+(and, here, with other people's work), wall-clock throughput is noisy; the CPU a server spends
+per request is the part the server controls.
+
+Under each table: the QD1 mean latency, the cores other processes used, and issue 12's targets,
+one line each, judged on the medians (✓ holds, ✗ misses): throughput ≥ 1.1× both nbdkit
+memory versions on every row; server CPU per request ≤ 0.7× nbdkit-1.32 on every row; 1 MiB
+sequential reads and writes ≥ 1.0× nbdkit-null; 4k QD1 mean latency ≤ 0.9× both nbdkit
+versions; first fill ≥ 1.3× both. A target whose row or server was not run is left out.
+
+The chart (`--chart FILE`, .svg or .png; default: the --json FILE with .svg, else
+/tmp/ramnbd-bench.svg) has, per transport, grouped bars per row by server in two panels:
+throughput relative to nbdkit-1.32 (ramnbd's own figure written on its bar) and server CPU µs
+per request on a log axis. It needs matplotlib (Debian's python3-matplotlib, for
+/usr/bin/python3; when another python3 runs the script, it starts again under that one);
+`--no-chart` leaves it out. `--from-json FILE` measures nothing: it prints the tables and draws
+the chart again from an earlier run's --json.
 
 fio's nbd engine (libnbd) asks for structured replies; the Linux kernel's client does not, and
 `--replies simple` makes fio do the same (reads then come back as simple replies). Writes are
@@ -18,8 +36,9 @@ the same either way.
 `--tls-certificates` naming a CA and server certificate the script makes with openssl), and fio
 connects with `nbds://` / `nbds+unix://` URIs carrying `tls-certificates=DIR`. libnbd refuses a
 URI that names local files unless allowed, so fio and nbdinfo run with a small shim preloaded
-(built with gcc) that allows it. Unless --rows says otherwise, --tls runs the rows randread-qd32,
-randwrite-qd32, read-1m and write-1m.
+(built with gcc) that allows it. nbdkit-null requires TLS too, so it is the ceiling for TLS.
+Unless --rows says otherwise, --tls runs the rows randread-qd32, randwrite-qd32, read-1m and
+write-1m.
 
 Rows (ids for --rows):
   randread-qd1    4k random reads, 1 in flight (the table also gives mean latency)
@@ -31,14 +50,16 @@ Rows (ids for --rows):
   first-fill      1 MiB sequential writes, 8 in flight, of the whole 1 GiB export of a freshly
                   started, empty server (a new server process each round): the allocation path
 
-    client-tests/bench.py [--reps 3] [--seconds 5] [--transport unix|tcp|both]
-                          [--rows ID,...] [--servers ramnbd,nbdkit-1.32,nbdkit-1.42]
+    client-tests/bench.py [--reps 4] [--seconds 5] [--transport unix|tcp|both]
+                          [--rows ID,...] [--servers ramnbd,nbdkit-1.32,nbdkit-1.42,nbdkit-null]
                           [--replies structured|simple] [--tls] [--quick] [--json FILE]
-                          [--ramnbd PATH]
+                          [--chart FILE | --no-chart] [--ramnbd PATH]
+    client-tests/bench.py --from-json FILE [--chart FILE]
 
 ramnbd is RAMNBD_BIN, else target/release/ramnbd: build it first (`cargo build --release -p
-ramnbd`); nbdkit-1.42 needs the Debian 13 folder (client-tests/trixie/build.sh). Progress goes
-to stderr, one Markdown table per transport to stdout, everything measured to --json.
+ramnbd`); nbdkit-1.42 and nbdkit-null need the Debian 13 folder (client-tests/trixie/build.sh).
+Progress goes to stderr, one Markdown table per transport to stdout, everything measured to
+--json.
 """
 
 import argparse
@@ -47,6 +68,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -87,6 +109,10 @@ EXPORT_SIZE = "1G"
 TLS_ROWS = ["randread-qd32", "randwrite-qd32", "read-1m", "write-1m"]
 REGION = "512M"  # what the rows on the prefilled servers touch
 QUICK_REGION = "64M"
+# Servers that keep no data: no prefill, and no first-fill row (there is nothing to allocate).
+STORES_NOTHING = {"nbdkit-null"}
+# The chart's file when neither --chart nor --json (nor --from-json) names one.
+DEFAULT_CHART = "/tmp/ramnbd-bench.svg"
 
 
 
@@ -187,12 +213,15 @@ def run_transport(transport, kinds, rows, reps, seconds, region, replies, tls, l
                 servers[kind] = stack.enter_context(
                     benchlib.start(kind, EXPORT_SIZE, transport, tmp, tls_dir=tls_dir))
                 info[kind] = advertised(servers[kind], env, replies)
-                fio(servers[kind].uri, ROWS["write-1m"], region, env=env)  # the prefill
+                if kind not in STORES_NOTHING:
+                    fio(servers[kind].uri, ROWS["write-1m"], region, env=env)  # the prefill
         for rep in range(reps):
             order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
             for rid in rows:
                 row = ROWS[rid]
                 for kind in order:
+                    if row.fresh and kind in STORES_NOTHING:
+                        continue  # nothing to fill: its results stay empty, "—" in the table
                     if row.fresh:
                         with benchlib.start(kind, EXPORT_SIZE, transport, tmp,
                                             tls_dir=tls_dir) as fresh:
@@ -213,37 +242,272 @@ def median_of(samples, key):
     return statistics.median(s[key] for s in samples)
 
 
+def transport_report(transport, kinds, rows, results, info):
+    """What --json keeps of one transport: per row and server, the medians and every sample;
+    a server without samples (nbdkit-null on first fill) is left out of that row."""
+    return {"advertised": info, "rows": {
+        rid: {"label": ROWS[rid].label, "unit": ROWS[rid].unit, "servers": {
+            k: {"median": {key: median_of(results[rid][k], key) for key in results[rid][k][0]},
+                "samples": results[rid][k]} for k in kinds if results[rid][k]}}
+        for rid in rows}}
+
+
+def report_kinds(report):
+    # Older JSON files have no settings.servers; their versions are in the same order.
+    return report["settings"].get("servers") or list(report["versions"])
+
+
+def median(trow, kind, key):
+    """A server's median of `key` on a row of the report, None if it has no samples there."""
+    server = trow["servers"].get(kind)
+    return server["median"][key] if server else None
+
+
+def throughput(trow, kind):
+    return median(trow, kind, "iops" if trow["unit"] == "IOPS" else "mibs")
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def fmt(value, unit=None):
+    if value is None:
+        return "—"
     if unit == "IOPS":
         return f"{value:.0f}"
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def markdown(transport, kinds, rows, results, tls=False):
-    nbdkits = [k for k in kinds if k != "ramnbd"] if "ramnbd" in kinds else []
-    head = ["row", "unit", *kinds, *(f"ramnbd / {k}" for k in nbdkits),
-            *(f"CPU µs/req {k}" for k in kinds), *(f"CPU ramnbd / {k}" for k in nbdkits)]
+def fmt_ratio(value):
+    return "—" if value is None else f"{value:.2f}"
+
+
+def markdown(report, transport):
+    kinds, tr = report_kinds(report), report["transports"][transport]
+    others = [k for k in kinds if k != "ramnbd"] if "ramnbd" in kinds else []
+    head = ["row", "unit", *kinds, *(f"ramnbd / {k}" for k in others),
+            *(f"CPU µs/req {k}" for k in kinds), *(f"CPU ramnbd / {k}" for k in others)]
     lines = [f"| {' | '.join(head)} |", "|---|---|" + "---:|" * (len(head) - 2)]
-    for rid in rows:
-        row, res = ROWS[rid], results[rid]
-        key = "iops" if row.unit == "IOPS" else "mibs"
-        tput = {k: median_of(res[k], key) for k in kinds}
-        cpu = {k: median_of(res[k], "cpu_us_per_req") for k in kinds}
-        cells = [row.label, row.unit, *(fmt(tput[k], row.unit) for k in kinds),
-                 *(f"{tput['ramnbd'] / tput[k]:.2f}" for k in nbdkits),
+    for trow in tr["rows"].values():
+        tput = {k: throughput(trow, k) for k in kinds}
+        cpu = {k: median(trow, k, "cpu_us_per_req") for k in kinds}
+        cells = [trow["label"], trow["unit"], *(fmt(tput[k], trow["unit"]) for k in kinds),
+                 *(fmt_ratio(ratio(tput["ramnbd"], tput[k])) for k in others),
                  *(fmt(cpu[k]) for k in kinds),
-                 *(f"{cpu['ramnbd'] / cpu[k]:.2f}" if cpu[k] else "–" for k in nbdkits)]
+                 *(fmt_ratio(ratio(cpu["ramnbd"], cpu[k])) for k in others)]
         lines.append(f"| {' | '.join(cells)} |")
     notes = []
-    if "randread-qd1" in rows:
-        lat = {k: median_of(results["randread-qd1"][k], "lat_us") for k in kinds}
+    if "randread-qd1" in tr["rows"]:
+        trow = tr["rows"]["randread-qd1"]
         notes.append("4k randread QD1 mean latency: " +
-                     ", ".join(f"{k} {lat[k]:.1f} µs" for k in kinds) + ".")
-    others = [s["other_cores"] for res in results.values() for k in kinds for s in res[k]]
-    notes.append(f"Other processes used a median {statistics.median(others):.2f} cores "
-                 f"(max {max(others):.2f}) of the {os.cpu_count()} during the fio runs.")
-    title = {"unix": "Unix socket", "tcp": "TCP 127.0.0.1"}[transport] + (", TLS" if tls else "")
+                     ", ".join(f"{k} {median(trow, k, 'lat_us'):.1f} µs" for k in kinds) + ".")
+    if "first-fill" in tr["rows"] and STORES_NOTHING & set(kinds):
+        notes.append(", ".join(sorted(STORES_NOTHING & set(kinds))) + " stores nothing: it gets "
+                     "no prefill, and first fill is not run against it (—).")
+    busy = [s["other_cores"] for trow in tr["rows"].values()
+            for server in trow["servers"].values() for s in server["samples"]]
+    notes.append(f"Other processes used a median {statistics.median(busy):.2f} cores "
+                 f"(max {max(busy):.2f}) of the {report['cpus']} during the fio runs.")
+    title = {"unix": "Unix socket", "tcp": "TCP 127.0.0.1"}[transport] + \
+        (", TLS" if report["settings"]["tls"] else "")
+    targets = target_lines(report, transport)
+    if targets:
+        notes += ["", "Targets (issue 12), from the medians:", "", *targets]
     return f"### {title}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+NBDKITS = ("nbdkit-1.32", "nbdkit-1.42")
+
+
+def target_lines(report, transport):
+    """One Markdown list item per issue-12 target that this run's rows and servers allow
+    judging: the figure that decides it, and ✓ or ✗."""
+    kinds, rows = report_kinds(report), report["transports"][transport]["rows"]
+    if "ramnbd" not in kinds:
+        return []
+    nbdkits = [k for k in NBDKITS if k in kinds]
+    lines = []
+
+    def mark(ok):
+        return "✓" if ok else "✗"
+
+    def worst(pairs, bound, higher):
+        """pairs: (ratio, what); the worst ratio, what it was, and how many miss `bound`."""
+        pairs = [p for p in pairs if p[0] is not None]
+        r, what = min(pairs) if higher else max(pairs)
+        missed = sum((x < bound) if higher else (x > bound) for x, _ in pairs)
+        side = "lowest" if higher else "highest"
+        miss = "below" if higher else "above"
+        return f"{side} {r:.2f}× ({what}), {missed} of {len(pairs)} {miss}", missed == 0
+
+    if nbdkits:
+        pairs = [(ratio(throughput(trow, "ramnbd"), throughput(trow, k)),
+                  f"{trow['label']} vs {k}") for trow in rows.values() for k in nbdkits]
+        text, ok = worst(pairs, 1.1, True)
+        lines.append(f"- throughput ≥ 1.1× {' and '.join(nbdkits)}, every row: "
+                     f"{text} {mark(ok)}")
+    if "nbdkit-1.32" in kinds:
+        pairs = [(ratio(median(trow, "ramnbd", "cpu_us_per_req"),
+                        median(trow, "nbdkit-1.32", "cpu_us_per_req")), trow["label"])
+                 for trow in rows.values()]
+        text, ok = worst(pairs, 0.7, False)
+        lines.append(f"- server CPU/req ≤ 0.7× nbdkit-1.32, every row: {text} {mark(ok)}")
+    if "nbdkit-null" in kinds:
+        for rid in ("read-1m", "write-1m"):
+            if rid in rows:
+                r = ratio(throughput(rows[rid], "ramnbd"), throughput(rows[rid], "nbdkit-null"))
+                lines.append(f"- {rows[rid]['label']} ≥ 1.0× nbdkit-null: {r:.2f}× "
+                             f"{mark(r >= 1.0)}")
+
+    def against(rid, key, what, bound, higher):
+        figures = []
+        for k in nbdkits:
+            r = ratio(median(rows[rid], "ramnbd", key), median(rows[rid], k, key))
+            ok = r >= bound if higher else r <= bound
+            figures.append(f"{r:.2f}× {k} {mark(ok)}")
+        lines.append(f"- {what}: " + ", ".join(figures))
+
+    if nbdkits and "randread-qd1" in rows:
+        against("randread-qd1", "lat_us", "4k randread QD1 mean latency ≤ 0.9× nbdkit",
+                0.9, False)
+    if nbdkits and "first-fill" in rows:
+        key = "iops" if rows["first-fill"]["unit"] == "IOPS" else "mibs"
+        against("first-fill", key, "first fill ≥ 1.3× nbdkit", 1.3, True)
+    return lines
+
+
+def ramnbd_at(report):
+    """"ramnbd at COMMIT": the binary's own commit (its --version), else the script's tree."""
+    found = re.search(r"commit (\w+)", report["versions"].get("ramnbd", ""))
+    return f"ramnbd at {found.group(1) if found else report['git']}"
+
+
+def header(report):
+    st = report["settings"]
+    tls = ", TLS required (P-256 server key)" if st["tls"] else ""
+    return (f"fio {report['fio']} `nbd` engine, {st['replies']} replies{tls}; {st['reps']} "
+            f"round{'s' if st['reps'] != 1 else ''} × {st['seconds']:g} s per row, servers interleaved; medians. {st['export_size']} "
+            f"exports, {st['region']} prefilled region; {report['cpus']} CPUs; {report['date']}; "
+            f"{ramnbd_at(report)}; load average {report['load_before'][0]:.2f} before, "
+            f"{report['load_after'][0]:.2f} after; {report['wall_s']:.0f} s.\n"
+            "ramnbd / X: throughput ratio (higher is better); CPU ramnbd / X: server CPU per "
+            "request ratio (lower is better).\n")
+
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+def need_matplotlib(log):
+    """Makes sure the chart can be drawn, before anything is measured. Debian's
+    python3-matplotlib serves /usr/bin/python3; when another python3 runs this script (one
+    first on PATH, without it), the script starts again under Debian's."""
+    try:
+        import matplotlib  # noqa: F401
+        return
+    except ImportError:
+        pass
+    if (os.path.realpath(sys.executable) != os.path.realpath(DEBIAN_PYTHON)
+            and os.access(DEBIAN_PYTHON, os.X_OK)
+            and subprocess.run([DEBIAN_PYTHON, "-c", "import matplotlib"],
+                               capture_output=True).returncode == 0):
+        log(f"{sys.executable} has no matplotlib; starting again with {DEBIAN_PYTHON}")
+        os.execv(DEBIAN_PYTHON, [DEBIAN_PYTHON, os.path.abspath(__file__), *sys.argv[1:]])
+    sys.exit("the chart needs matplotlib: install the Debian package python3-matplotlib (for "
+             f"{DEBIAN_PYTHON}), or leave the chart out with --no-chart")
+
+
+COLOURS = {"ramnbd": "#1f77b4", "nbdkit-1.32": "#ff7f0e", "nbdkit-1.42": "#2ca02c",
+           "nbdkit-null": "#b0b0b0"}
+
+
+def absolute(value, unit):
+    if unit == "IOPS":
+        return f"{value / 1000:.0f}k IOPS" if value >= 10000 else f"{value:.0f} IOPS"
+    return f"{value:.0f} MiB/s"
+
+
+def chart(report, path):
+    """Per transport, two panels of grouped horizontal bars, one group per row and one bar per
+    server: throughput relative to nbdkit-1.32 (IOPS and MiB/s share no axis; ramnbd's own
+    figure is written on its bar) and server CPU µs per request on a log axis. SVG or PNG by
+    the file's suffix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    # Text stays text (small, searchable files); no date or random ids, so re-rendering the
+    # same JSON gives the same file.
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "ramnbd-bench",
+                         "font.size": 9})
+    kinds, transports = report_kinds(report), list(report["transports"])
+    base = "nbdkit-1.32" if "nbdkit-1.32" in kinds else kinds[0]
+    nrows = max(len(report["transports"][t]["rows"]) for t in transports)
+    height = 0.8 / len(kinds)
+    inches = 1.3 + len(transports) * (0.9 + 0.16 * nrows * len(kinds))
+    fig, axes = plt.subplots(len(transports), 2, squeeze=False, sharey="row",
+                             figsize=(13, inches))
+    for t, transport in enumerate(transports):
+        trows = list(report["transports"][transport]["rows"].values())
+        name = {"unix": "Unix socket", "tcp": "TCP 127.0.0.1"}[transport] + \
+            (", TLS" if report["settings"]["tls"] else "")
+        tput_ax, cpu_ax = axes[t]
+        for i, kind in enumerate(kinds):
+            ys = [r + (i - (len(kinds) - 1) / 2) * height for r in range(len(trows))]
+            rel = [ratio(throughput(trow, kind), throughput(trow, base)) for trow in trows]
+            cpu = [median(trow, kind, "cpu_us_per_req") for trow in trows]
+            style = dict(height=height, color=COLOURS.get(kind), edgecolor="white", linewidth=0.5,
+                         hatch="///" if kind in STORES_NOTHING else None)
+            tput_ax.barh(ys, [v or 0 for v in rel], **style)
+            cpu_ax.barh(ys, [v or 0 for v in cpu], **style)
+            for y, trow, r, c in zip(ys, trows, rel, cpu):
+                if r is None:
+                    tput_ax.text(0.02, y, "not run (stores nothing)", va="center", fontsize=7,
+                                 color="#666")
+                    continue
+                if kind == "ramnbd":
+                    label = f"{r:.2f}× · {absolute(throughput(trow, kind), trow['unit'])}"
+                    tput_ax.text(r + 0.02, y, label, va="center", fontsize=7, fontweight="bold")
+                    cpu_ax.text(c * 1.06, y, f"{c:.0f} µs" if c >= 100 else f"{fmt(c)} µs",
+                                va="center", fontsize=7,
+                                fontweight="bold")
+        tput_ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        tput_ax.set_title(f"{name}: throughput / {base} (higher is better)")
+        cpu_ax.set_xscale("log")
+        cpu_ax.set_title(f"{name}: server CPU µs per request (log scale; lower is better)")
+        tput_ax.set_yticks(range(len(trows)), [trow["label"] for trow in trows])
+        tput_ax.invert_yaxis()
+        right = max((ratio(throughput(trow, k), throughput(trow, base)) or 0)
+                    for trow in trows for k in kinds)
+        tput_ax.set_xlim(0, right * 1.3)
+        cpus = [median(trow, k, "cpu_us_per_req") for trow in trows for k in kinds]
+        cpus = [c for c in cpus if c]
+        cpu_ax.set_xlim(min(cpus) / 1.5, max(cpus) * 2.5)  # room for the labels
+        for ax in (tput_ax, cpu_ax):
+            ax.grid(axis="x", color="#ddd", linewidth=0.6, which="both")
+            ax.set_axisbelow(True)
+    st = report["settings"]
+    handles = [Patch(facecolor=COLOURS.get(k), hatch="///" if k in STORES_NOTHING else None,
+                     label=f"{k} ({report['versions'][k]})") for k in kinds]
+    fig.legend(handles=handles, loc="lower center", ncol=len(kinds), frameon=False)
+    tls = ", TLS" if st["tls"] else ""
+    fig.suptitle(f"ramnbd against nbdkit — fio nbd engine, {st['replies']} replies{tls}; "
+                 f"medians of {st['reps']} × {st['seconds']:g} s\n{report['date']}, "
+                 f"{ramnbd_at(report)}, {report['cpus']} CPUs, load average "
+                 f"{report['load_before'][0]:.2f} → {report['load_after'][0]:.2f}", fontsize=11)
+    # Room for the two title lines above and the legend below.
+    fig.tight_layout(rect=(0, 0.4 / inches, 1, 1 - 0.42 / inches))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, metadata={"Date": None} if path.endswith(".svg") else None, dpi=110)
+    plt.close(fig)
+
+
+def chart_path(args):
+    if args.chart:
+        return args.chart
+    source = args.json or args.from_json
+    return os.path.splitext(source)[0] + ".svg" if source else DEFAULT_CHART
 
 
 def loadavg():
@@ -254,7 +518,7 @@ def loadavg():
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, help="rounds per row (default 3; --quick: 1)")
+    parser.add_argument("--reps", type=int, help="rounds per row (default 4; --quick: 1)")
     parser.add_argument("--seconds", type=int, help="seconds per fio run (default 5; --quick: 1)")
     parser.add_argument("--transport", choices=["unix", "tcp", "both"], default="both")
     parser.add_argument("--rows", help="comma-separated row ids (default: all; --tls: "
@@ -270,12 +534,33 @@ def main():
                         help="the read replies fio asks for: structured (libnbd's default) or "
                         "simple (the Linux kernel's dialect, through a preloaded shim; needs gcc)")
     parser.add_argument("--json", metavar="FILE", help="write every sample and the medians here")
+    parser.add_argument("--chart", metavar="FILE", help="the chart, SVG or PNG by suffix "
+                        "(default: --json's or --from-json's FILE with .svg, else "
+                        f"{DEFAULT_CHART}); needs python3-matplotlib")
+    parser.add_argument("--no-chart", action="store_true", help="tables only")
+    parser.add_argument("--from-json", metavar="FILE", help="measure nothing: print the tables "
+                        "and draw the chart from a --json FILE of an earlier run")
     parser.add_argument("--ramnbd", metavar="PATH", help="the ramnbd binary (default: "
                         "$RAMNBD_BIN, else target/release/ramnbd)")
     args = parser.parse_args()
+
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
+
+    if not args.no_chart:
+        need_matplotlib(log)
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        print(header(report))
+        print("\n".join(markdown(report, t) for t in report["transports"]), end="")
+        if not args.no_chart:
+            chart(report, chart_path(args))
+            log(f"wrote {chart_path(args)}")
+        return
     if args.ramnbd:
         os.environ["RAMNBD_BIN"] = os.path.abspath(args.ramnbd)
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 4)
     seconds = args.seconds or (1 if args.quick else 5)
     region = QUICK_REGION if args.quick else REGION
     rows = args.rows.split(",") if args.rows else TLS_ROWS if args.tls else list(ROWS)
@@ -295,9 +580,6 @@ def main():
             sys.exit(f"{tool} not found: install the Debian package {package}")
     benchlib.exit_on_signals()
 
-    def log(line):
-        print(line, file=sys.stderr, flush=True)
-
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
@@ -308,38 +590,29 @@ def main():
         "git": subprocess.run(["git", "-C", benchlib.REPO, "describe", "--always", "--dirty"],
                               capture_output=True, text=True).stdout.strip(),
         "settings": {"reps": reps, "seconds": seconds, "replies": args.replies, "tls": args.tls,
-                     "export_size": EXPORT_SIZE,
+                     "export_size": EXPORT_SIZE, "servers": kinds,
                      "region": region, "rows": {rid: vars(ROWS[rid]) for rid in rows}},
         "load_before": loadavg(), "transports": {},
     }
-    log(f"load average before: {report['load_before']}; " + ", ".join(report["versions"].values()))
+    log(f"load average before: {report['load_before']}; "
+        + ", ".join(f"{k}: {v}" for k, v in report["versions"].items()))
     began = time.monotonic()
-    tables = []
     for transport in transports:
         results, info = run_transport(transport, kinds, rows, reps, seconds, region,
                                       args.replies, args.tls, log)
-        report["transports"][transport] = {"advertised": info, "rows": {
-            rid: {"label": ROWS[rid].label, "unit": ROWS[rid].unit, "servers": {
-                k: {"median": {key: median_of(results[rid][k], key)
-                               for key in results[rid][k][0]},
-                    "samples": results[rid][k]} for k in kinds}} for rid in rows}}
-        tables.append(markdown(transport, kinds, rows, results, args.tls))
+        report["transports"][transport] = transport_report(transport, kinds, rows, results, info)
     report["wall_s"] = time.monotonic() - began
     report["load_after"] = loadavg()
 
-    tls = ", TLS required (P-256 server key)" if args.tls else ""
-    print(f"fio {report['fio']} `nbd` engine, {args.replies} replies{tls}; {reps} rounds × "
-          f"{seconds:g} s per row, servers interleaved; medians. {EXPORT_SIZE} exports, {region} prefilled region; "
-          f"{os.cpu_count()} CPUs; {report['date']}; "
-          f"load average {report['load_before'][0]:.2f} before, "
-          f"{report['load_after'][0]:.2f} after; {report['wall_s']:.0f} s.")
-    print("ramnbd / X: throughput ratio (higher is better); CPU ramnbd / X: server CPU per "
-          "request ratio (lower is better).\n")
-    print("\n".join(tables), end="")
+    print(header(report))
+    print("\n".join(markdown(report, t) for t in transports), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         log(f"wrote {args.json}")
+    if not args.no_chart:
+        chart(report, chart_path(args))
+        log(f"wrote {chart_path(args)}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Starting, watching and stopping the servers the Python benches compare.
 
-Three kinds, each serving one RAM export on a Unix socket or a TCP port on 127.0.0.1:
+Four kinds, each serving one export on a Unix socket or a TCP port on 127.0.0.1:
 
   ramnbd        RAMNBD_BIN, else target/release/ramnbd (built by `cargo build --release -p ramnbd`)
   nbdkit-1.32   `nbdkit memory` on the host (Debian 12)
   nbdkit-1.42   `nbdkit memory` from the Debian 13 folder, through client-tests/trixie/run
+  nbdkit-null   `nbdkit null` from the same folder: stores nothing (reads return zeroes, writes
+                are dropped), so it measures what the transport and nbdkit's core cost, a
+                ceiling for the servers that store data
 
     with benchlib.start("ramnbd", "1G", "unix", tmpdir) as server:
         run_fio(server.uri)
@@ -38,7 +41,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRIXIE_RUN = os.path.join(HERE, "trixie", "run")
 TRIXIE_STAMP = os.path.join(HERE, ".cache", "trixie", "root", ".ramnbd-stamp")
-KINDS = ["ramnbd", "nbdkit-1.32", "nbdkit-1.42"]
+KINDS = ["ramnbd", "nbdkit-1.32", "nbdkit-1.42", "nbdkit-null"]
+# The nbdkit plugin each nbdkit kind runs, and which run from the Debian 13 folder.
+PLUGINS = {"nbdkit-1.32": "memory", "nbdkit-1.42": "memory", "nbdkit-null": "null"}
+TRIXIE_KINDS = ("nbdkit-1.42", "nbdkit-null")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 30  # seconds; the Debian 13 nbdkit pays for unshare + chroot on a loaded box
 PR_SET_PDEATHSIG = 1
@@ -63,7 +69,7 @@ def missing(kind):
         return None if os.access(path, os.X_OK) else f"{path} not built"
     if kind == "nbdkit-1.32":
         return None if shutil.which("nbdkit") else "nbdkit not installed (Debian package nbdkit)"
-    if kind == "nbdkit-1.42":
+    if kind in TRIXIE_KINDS:
         return None if os.path.exists(TRIXIE_STAMP) else \
             "no Debian 13 folder: run client-tests/trixie/build.sh"
     return f"unknown server kind {kind!r} (known: {', '.join(KINDS)})"
@@ -200,9 +206,10 @@ class _Ramnbd(Server):
 
 def start(kind, size, transport, tmpdir, extra=(), tls_dir=None):
     """Starts a server of `kind` with one export of `size` (binary units, e.g. "1G") on
-    `transport` ("unix": a socket in tmpdir, which must lie under /tmp for nbdkit-1.42; "tcp":
-    127.0.0.1). `extra` goes to the command line: ramnbd options, or nbdkit plugin parameters
-    such as "allocator=malloc". With `tls_dir` (see `make_pki`; under /tmp for nbdkit-1.42),
+    `transport` ("unix": a socket in tmpdir, which must lie under /tmp for the Debian 13 kinds;
+    "tcp": 127.0.0.1). `extra` goes to the command line: ramnbd options, or nbdkit plugin
+    parameters such as "allocator=malloc". With `tls_dir` (see `make_pki`; under /tmp for the
+    Debian 13 kinds),
     the server requires TLS with the certificates there. Returns the Server once it answers
     NBD."""
     if why := missing(kind):
@@ -225,14 +232,14 @@ def start(kind, size, transport, tmpdir, extra=(), tls_dir=None):
         server = _Ramnbd(kind, cmd, transport, tmpdir, unix_path, port, tls_dir)
     else:
         tls = ["--tls=require", f"--tls-certificates={tls_dir}"] if tls_dir else []
-        cmd = ["nbdkit", "-f", *listen, *tls, "memory", size, *extra]
-        if kind == "nbdkit-1.42":
+        cmd = ["nbdkit", "-f", *listen, *tls, PLUGINS[kind], size, *extra]
+        if kind in TRIXIE_KINDS:
             # The wrapper execs all the way (unshare, sh, chroot, sh, nbdkit), so the PID is
             # nbdkit's own and /proc/PID/stat counts nbdkit's CPU; checked below.
             if unix_path and not unix_path.startswith("/tmp/"):
-                raise ValueError("nbdkit-1.42 sees only the host's /tmp: put tmpdir under /tmp")
+                raise ValueError(f"{kind} sees only the host's /tmp: put tmpdir under /tmp")
             if tls_dir and not tls_dir.startswith("/tmp/"):
-                raise ValueError("nbdkit-1.42 sees only the host's /tmp: put tls_dir under /tmp")
+                raise ValueError(f"{kind} sees only the host's /tmp: put tls_dir under /tmp")
             cmd = [TRIXIE_RUN, *cmd]
         server = Server(kind, cmd, transport, tmpdir, unix_path, port, tls_dir)
     try:
@@ -252,7 +259,7 @@ def version(kind):
         cmd = [ramnbd_binary(), "--version"]
     else:
         cmd = ["nbdkit", "--version"]
-        if kind == "nbdkit-1.42":
+        if kind in TRIXIE_KINDS:
             cmd = [TRIXIE_RUN, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
 
