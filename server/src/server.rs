@@ -438,7 +438,7 @@ async fn serve_or_resume<R, W>(
     session: Session,
 ) -> Option<HandedOver<R, W>>
 where
-    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    R: crate::session::Receive + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let Session {

@@ -12,7 +12,9 @@
 //! Rules for users of this module: hold one guard at a time (two chunks may share a lock), and
 //! never across an `.await` (the API is synchronous, and clippy's `await_holding_lock` is denied).
 
+use std::io;
 use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -180,6 +182,42 @@ impl WriteGuard<'_> {
                 src.len(),
             );
         }
+    }
+
+    /// Receives at most `len` bytes from the stream socket `socket` straight into export
+    /// offset `offset`, without waiting (`recv` with `MSG_DONTWAIT`): the payload of a WRITE
+    /// lands in the store with one copy, the kernel's. Returns how many bytes arrived (0: the
+    /// peer closed the stream), or `WouldBlock` when none are waiting. The caller marks the
+    /// pages allocated before the guard goes (bytes may now be non-zero).
+    pub(super) fn receive(
+        &mut self,
+        offset: u64,
+        len: usize,
+        socket: BorrowedFd<'_>,
+    ) -> io::Result<usize> {
+        check_inside(&(offset..offset + len as u64), &self.span);
+        // SAFETY: the range lies inside the guarded chunk, so inside the mapping, and we hold
+        // the chunk's write lock: nothing else reads or writes these bytes during the call, and
+        // no reference into them exists. The kernel writes at most `len` bytes there. A socket
+        // that is not one (or a bad descriptor) makes recv fail with ENOTSOCK / EBADF and write
+        // nothing; MSG_DONTWAIT keeps the call from blocking while the lock is held.
+        let received = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                self.chunks
+                    .backing
+                    .map()
+                    .as_mut_ptr()
+                    .add(offset as usize)
+                    .cast(),
+                len,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(received as usize)
     }
 
     /// Writes zeroes over `range`.

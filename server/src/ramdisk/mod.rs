@@ -503,6 +503,100 @@ impl<'a> Update<'a> {
         self.pos += data.len() as u64;
     }
 
+    /// Receives the next bytes of a write's range straight from the stream socket `socket`
+    /// into the store, until the range is done or no more bytes are waiting: the one-copy path
+    /// for large payloads (the kernel copies from its socket buffer into the store's pages,
+    /// where [`Update::write`] needs the payload in a buffer first). Never waits: returns the
+    /// bytes received (none if the peer closed the stream) and whether the socket was found
+    /// empty, or a `WouldBlock` error if no bytes were waiting.
+    ///
+    /// The page rule holds as for [`Update::write`] once a page's part of the range has
+    /// arrived: a page left all zero is given back (or was never kept), so zero pages still
+    /// cost no RAM. Bytes land before they can be inspected, so a page is marked held while
+    /// its part arrives; a write abandoned half way (the client went away) can leave the page
+    /// it stopped in held even if it reads as zero, as a power cut would leave a torn write.
+    ///
+    /// # Panics
+    /// If this update is a zeroing.
+    pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<Received> {
+        assert_eq!(self.kind, UpdateKind::Write, "not a write");
+        let mut received = Received {
+            bytes: 0,
+            drained: false,
+        };
+        while self.pos < self.end {
+            let piece = pieces(self.pos, self.end - self.pos)
+                .next()
+                .expect("a piece");
+            match self.receive_piece(piece, socket) {
+                Ok(0) => break,
+                // Fewer bytes than asked for: the socket had no more (a stream socket's recv
+                // without waiting returns all it holds, up to the length asked for).
+                Ok(n) if (n as u64) < piece.len => {
+                    received.bytes += n;
+                    received.drained = true;
+                    break;
+                }
+                Ok(n) => received.bytes += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock && received.bytes > 0 => {
+                    received.drained = true;
+                    break;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(received)
+    }
+
+    /// Receives into one piece under its chunk's write lock: see [`Update::receive`].
+    fn receive_piece(&mut self, piece: Piece, socket: BorrowedFd<'_>) -> io::Result<usize> {
+        let mut guard = self.disk.chunks.write(piece.chunk);
+        self.disk.dirty.mark(piece.chunk, piece.page_bits());
+        let holes = piece.page_bits() & !guard.allocated();
+        if holes != 0 {
+            // As for a write (`populate_runs`): the holes that the bytes already waiting will
+            // fill are populated in runs, instead of one page fault each during the recv. Only
+            // those: every page populated here is reached by the bytes received and so marked
+            // held below (the page rule then gives back any that stay zero).
+            let waiting = rustix::io::ioctl_fionread(socket).unwrap_or(0);
+            if waiting > 0 {
+                let coming = Piece {
+                    len: waiting.min(piece.len),
+                    ..piece
+                };
+                populate_runs(&mut guard, piece.chunk, coming.page_bits() & holes);
+            }
+        }
+        let n = guard.receive(piece.offset, piece.len as usize, socket)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let arrived = Piece {
+            len: n as u64,
+            ..piece
+        };
+        // The bytes may be anything: the pages they reached are held from now on (bit and
+        // bytes agree for every reader, who takes this lock after us).
+        let newly = guard.mark_allocated(arrived.page_bits());
+        let mut releases = Releases::default();
+        for page in arrived.pages() {
+            let page_span = guard.page_span(page.start());
+            let part_end = page_span.end.min(self.end);
+            // A page whose part is complete: all zero, it is not kept (the page rule's Keep
+            // for a hole, Release or ZeroPart for a held page).
+            if part_end <= arrived.offset + arrived.len && guard.is_zero(page_span.clone()) {
+                releases.add(&mut guard, page_span);
+            }
+        }
+        let freed = releases.flush(&mut guard);
+        drop(guard);
+        self.disk.budgets.released(freed);
+        self.reservation.allocated(newly);
+        self.pos += n as u64;
+        Ok(n)
+    }
+
     /// Zeroes the next part of a zeroing's range, a bounded amount of work; returns whether
     /// the whole range is done.
     ///
@@ -613,6 +707,16 @@ fn populate_runs(guard: &mut WriteGuard<'_>, chunk: u64, fresh: u64) {
             return;
         }
     }
+}
+
+/// What one [`Update::receive`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes received into the store (0: the peer had closed the stream).
+    pub bytes: usize,
+    /// The socket was found empty: waiting for it to become readable again is right, and
+    /// another receive now would only fail with `WouldBlock`.
+    pub drained: bool,
 }
 
 /// Pages to give back, collected into contiguous runs so that one system call covers many.

@@ -45,6 +45,8 @@ backing_tests!(
     huge_sparse_disk_costs_nothing,
     a_zeroing_runs_in_bounded_steps,
     a_streamed_write_lands_piece_by_piece,
+    a_received_write_lands_in_the_store_and_keeps_no_zero_page,
+    a_page_received_in_parts_follows_the_page_rule,
     resident_bytes_follow_writes_and_trims,
     budgets_writes_fail_at_the_cap_and_trim_makes_room,
     budgets_a_streamed_write_reserves_its_whole_range_first,
@@ -280,6 +282,116 @@ fn a_streamed_write_lands_piece_by_piece(kind: BackingKind) {
     drop(update);
     assert_eq!(read(&disk, 100, data.len()), data);
     assert_eq!(read(&disk, 0, 100), vec![0; 100]);
+}
+
+/// Receives all of `update`'s range from `socket`, polling while nothing is waiting.
+fn receive_all(update: &mut Update<'_>, socket: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsFd;
+    while update.remaining() > 0 {
+        match update.receive(socket.as_fd()) {
+            Ok(Received { bytes: 0, .. }) => panic!("the peer closed the stream early"),
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            Err(err) => panic!("receive failed: {err}"),
+        }
+    }
+}
+
+fn a_received_write_lands_in_the_store_and_keeps_no_zero_page(kind: BackingKind) {
+    use std::io::Write;
+    let (disk, budget) = capped(kind, 4 * CHUNK_SIZE, 4 * CHUNK_SIZE);
+    // Pages of data and of zeroes, unaligned, across three chunks: page 2 of the range is
+    // all zero, and so are the last 20 whole pages.
+    let len = 3 * CHUNK_SIZE as usize - 300;
+    let mut data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+    let zero_page = 2 * PAGE_SIZE as usize - 100..3 * PAGE_SIZE as usize - 100;
+    data[zero_page].fill(0);
+    let tail = len - 20 * PAGE_SIZE as usize - 200;
+    data[tail..].fill(0);
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let sender = {
+        let data = data.clone();
+        std::thread::spawn(move || (&theirs).write_all(&data).unwrap())
+    };
+    let mut update = disk.start_write(100, len as u64).unwrap();
+    receive_all(&mut update, &ours);
+    drop(update);
+    sender.join().unwrap();
+    assert_eq!(read(&disk, 100, len), data);
+    assert_eq!(read(&disk, 0, 100), vec![0; 100]);
+    // Held: every page the range touches but those that read as zero: the zero page, and the
+    // zero tail's pages from its first whole one to the end (the last, partly covered, page
+    // was a hole and got only zeroes).
+    let touched = (100 + len as u64).div_ceil(PAGE_SIZE);
+    let zero_pages = 1 + (touched - (100 + tail as u64).div_ceil(PAGE_SIZE));
+    assert_eq!(disk.allocated_bytes(), (touched - zero_pages) * PAGE_SIZE);
+    assert_eq!(
+        budget.used_bytes(),
+        disk.allocated_bytes(),
+        "the cap counts what is held"
+    );
+    assert_eq!(disk.resident_bytes(), disk.allocated_bytes());
+    assert_eq!(
+        extents(&disk, 2 * PAGE_SIZE, PAGE_SIZE, 8),
+        vec![(PAGE_SIZE, Extent::Hole)]
+    );
+}
+
+fn a_page_received_in_parts_follows_the_page_rule(kind: BackingKind) {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let disk = new_disk(kind, CHUNK_SIZE).unwrap();
+    let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let half = PAGE_SIZE as usize / 2;
+    // Nothing waiting: WouldBlock, and nothing changes.
+    let mut update = disk.start_write(0, PAGE_SIZE).unwrap();
+    let nothing = update.receive(ours.as_fd()).unwrap_err();
+    assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
+    // Zeroes into a hole, in two parts: held while the page's part arrives, not kept after.
+    theirs.write_all(&vec![0; half]).unwrap();
+    let got = update.receive(ours.as_fd()).unwrap();
+    assert_eq!(
+        got,
+        Received {
+            bytes: half,
+            drained: true
+        }
+    );
+    theirs.write_all(&vec![0; half]).unwrap();
+    receive_all(&mut update, &ours);
+    drop(update);
+    assert_eq!(disk.allocated_bytes(), 0);
+    // A held page whose second half is received as zeroes keeps its first half.
+    disk.write(PAGE_SIZE, &vec![5; half]).unwrap();
+    let mut update = disk
+        .start_write(PAGE_SIZE + half as u64, half as u64)
+        .unwrap();
+    theirs.write_all(&vec![0; half]).unwrap();
+    receive_all(&mut update, &ours);
+    drop(update);
+    assert_eq!(disk.allocated_bytes(), PAGE_SIZE);
+    assert_eq!(read(&disk, PAGE_SIZE, half), vec![5; half]);
+    // A held page received whole as zeroes is given back.
+    let mut update = disk.start_write(PAGE_SIZE, PAGE_SIZE).unwrap();
+    theirs.write_all(&vec![0; PAGE_SIZE as usize]).unwrap();
+    receive_all(&mut update, &ours);
+    drop(update);
+    assert_eq!(disk.allocated_bytes(), 0);
+    assert_eq!(disk.resident_bytes(), 0);
+    // The peer closes: 0 bytes. A descriptor that is not a socket: an error, nothing written.
+    drop(theirs);
+    let mut update = disk.start_write(0, 10).unwrap();
+    assert_eq!(update.receive(ours.as_fd()).unwrap().bytes, 0);
+    let file = tempfile_like();
+    assert!(update.receive(file.as_fd()).is_err());
+    assert_eq!(update.remaining(), 10);
+    drop(update);
+    assert_eq!(disk.allocated_bytes(), 0);
+}
+
+/// A descriptor that is not a socket.
+fn tempfile_like() -> std::fs::File {
+    std::fs::File::open("/dev/zero").unwrap()
 }
 
 fn resident_bytes_follow_writes_and_trims(kind: BackingKind) {

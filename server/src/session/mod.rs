@@ -12,6 +12,7 @@
 mod buffers;
 mod command;
 mod negotiate;
+mod socket;
 mod suspend;
 mod transmit;
 
@@ -32,6 +33,7 @@ use crate::tls::{Established, Joined, Tls};
 use negotiate::{ClientLog, Outcome};
 
 pub use negotiate::{Negotiated, PROVOKED_LINES};
+pub use socket::Receive;
 pub use suspend::{MAX_PENDING, ResumeError, STATE_VERSION, StateError, Suspended};
 pub use transmit::CONNECTION_BUFFER_BYTES;
 
@@ -55,7 +57,7 @@ pub async fn serve<R, W>(
     metrics: Option<Arc<Metrics>>,
 ) -> Option<HandedOver<R, W>>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: Receive + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     serve_within(
@@ -98,7 +100,7 @@ pub async fn serve_within<R, W>(
     metrics: Option<Arc<Metrics>>,
 ) -> Option<HandedOver<R, W>>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: Receive + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     // One view of the shutdown phases for the whole connection, handshake and transmission.
@@ -294,7 +296,7 @@ pub async fn resume<R, W>(
     metrics: Option<Arc<Metrics>>,
 ) -> Option<HandedOver<R, W>>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: Receive + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tracing::Span::current().record(
@@ -337,7 +339,7 @@ async fn transmit_logged<R, W>(
     metrics: Option<Arc<Metrics>>,
 ) -> Option<HandedOver<R, W>>
 where
-    R: AsyncRead + Unpin,
+    R: Receive,
     W: AsyncWrite + Unpin,
 {
     let metrics = metrics.and_then(|m| m.export(&negotiated.export.name));

@@ -33,10 +33,11 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::buffers::{ReceiveBuffer, SendBuffer};
 use super::command::{Command, Failure, MAX_DATA_CHUNK};
+use super::socket::Receive;
 use super::{HandedOver, Negotiated, Suspended};
 use crate::metrics::ExportMetrics;
 use crate::proto::Errno;
@@ -48,6 +49,11 @@ use crate::shutdown::{DRAIN_IDLE, LINGER, Phase, PhaseWatch};
 /// A WRITE with a payload up to this size is received whole, then applied at once; a longer
 /// one streams into the store as it arrives.
 pub const WHOLE_PAYLOAD: usize = 1 << 20;
+/// Over a plain socket, a WRITE payload from this size on whose bytes have not all arrived
+/// yet is received straight into the store as it arrives ([`Receive::receive_into`]), one copy
+/// per byte instead of two (socket → receive buffer → store). Smaller ones come in batches
+/// of many requests per `read`, which costs fewer system calls than one `recv` each.
+const DIRECT_PAYLOAD: usize = 64 * 1024;
 /// The receive buffer holds one whole-payload request and its header.
 pub(super) const RECEIVE_CAPACITY: usize = WHOLE_PAYLOAD + 4096;
 /// Replies are encoded until this many bytes wait to be sent.
@@ -104,6 +110,10 @@ enum Outcome {
 enum Ongoing<'a> {
     /// A WRITE whose payload is still arriving; it is applied as it comes.
     Receiving { head: Head, update: Update<'a> },
+    /// A WRITE of up to [`WHOLE_PAYLOAD`] that was to stream, but whose reservation (every
+    /// page of its range not held yet) did not fit the memory cap: its payload is gathered
+    /// whole so that the cap counts only the pages it really fills, as for any whole write.
+    Gathering { head: Head, offset: u64, len: u64 },
     /// The payload of a refused request, read and dropped before its error reply.
     Skipping {
         head: Head,
@@ -152,6 +162,8 @@ struct Meter {
 struct Connection<'a> {
     negotiated: &'a Negotiated,
     mode: ReplyMode,
+    /// The stream is a plain socket: large WRITE payloads go straight to the store.
+    direct: bool,
     input: ReceiveBuffer,
     output: SendBuffer,
     ongoing: Option<Ongoing<'a>>,
@@ -199,7 +211,7 @@ pub async fn transmit<R, W>(
     metrics: Option<std::sync::Arc<ExportMetrics>>,
 ) -> io::Result<(Stats, Option<HandedOver<R, W>>)>
 where
-    R: AsyncRead + Unpin,
+    R: Receive,
     W: AsyncWrite + Unpin,
 {
     if pending.len() > RECEIVE_CAPACITY {
@@ -210,6 +222,7 @@ where
     }
     let mut conn = Connection {
         mode: negotiated.reply_mode(),
+        direct: reader.is_socket(),
         negotiated: &negotiated,
         input: ReceiveBuffer::new(RECEIVE_CAPACITY)?,
         output: SendBuffer::new(SEND_CAPACITY)?,
@@ -297,14 +310,21 @@ where
         let receive = produced == Produced::NeedInput && !end_of_input && conn.input.has_spare();
         let idle = receive && conn.draining && !unsent && conn.ongoing.is_none();
         let step = produced == Produced::Yield;
+        // A streaming WRITE with nothing buffered takes its payload straight from the socket.
+        let straight = match &mut conn.ongoing {
+            Some(Ongoing::Receiving { update, .. }) if conn.direct && receive => Some(update),
+            _ => None,
+        };
         tokio::select! {
             // Receive first: replies for everything already pipelined then go out in one write.
             biased;
-            read = reader.read(conn.input.spare()), if receive => {
-                match read? {
-                    0 => end_of_input = true,
-                    n => {
-                        conn.input.filled_by(n);
+            input = next_input(&mut reader, conn.input.spare(), straight), if receive => {
+                match input? {
+                    Input::Buffered(0) | Input::Stored(0) => end_of_input = true,
+                    got => {
+                        if let Input::Buffered(n) = got {
+                            conn.input.filled_by(n);
+                        }
                         if conn.metrics.is_some() {
                             conn.received_at = Some(Instant::now());
                         }
@@ -330,6 +350,27 @@ where
             }
             () = tokio::task::yield_now(), if step => {}
         }
+    }
+}
+
+/// What one receive brought.
+enum Input {
+    /// Bytes read into the receive buffer.
+    Buffered(usize),
+    /// Payload bytes received straight into the store by a streaming WRITE's update.
+    Stored(usize),
+}
+
+/// Reads the next input: into the receive buffer, or, for a streaming WRITE over a socket
+/// (`straight`), into the store.
+async fn next_input<R: Receive>(
+    reader: &mut R,
+    spare: &mut [u8],
+    straight: Option<&mut Update<'_>>,
+) -> io::Result<Input> {
+    match straight {
+        Some(update) => reader.receive_into(update).await.map(Input::Stored),
+        None => reader.read(spare).await.map(Input::Buffered),
     }
 }
 
@@ -377,10 +418,15 @@ impl<'a> Connection<'a> {
             }
         };
         // A payload up to WHOLE_PAYLOAD is waited for whole, header included, so the request
-        // is checked and applied in one go.
-        let whole = request.payload_len <= WHOLE_PAYLOAD as u64;
+        // is checked and applied in one go; over a socket, one from DIRECT_PAYLOAD on streams
+        // into the store unless it is all here already.
+        let total = header_len as u64 + request.payload_len;
+        let whole = request.payload_len <= WHOLE_PAYLOAD as u64
+            && (request.payload_len < DIRECT_PAYLOAD as u64
+                || !self.direct
+                || self.input.len() as u64 >= total);
         if whole {
-            let total = header_len + request.payload_len as usize;
+            let total = total as usize;
             if self.input.len() < total {
                 self.input.make_room_for(total);
                 return Some(Produced::NeedInput);
@@ -438,6 +484,9 @@ impl<'a> Connection<'a> {
             Command::Write { offset, len } => {
                 self.ongoing = Some(match disk.start_write(offset, len) {
                     Ok(update) => Ongoing::Receiving { head, update },
+                    Err(NoSpace) if len <= WHOLE_PAYLOAD as u64 => {
+                        Ongoing::Gathering { head, offset, len }
+                    }
                     // Refused before anything changed: skip the payload to stay in sync.
                     Err(NoSpace) => Ongoing::Skipping {
                         head,
@@ -492,6 +541,22 @@ impl<'a> Connection<'a> {
                 }
                 drop(update);
                 self.complete(head, Outcome::Done);
+            }
+            Ongoing::Gathering { head, offset, len } => {
+                let len_usize = len as usize;
+                if self.input.len() < len_usize {
+                    self.input.make_room_for(len_usize);
+                    self.ongoing = Some(Ongoing::Gathering { head, offset, len });
+                    return Some(Produced::NeedInput);
+                }
+                let disk = &self.negotiated_ref().export.disk;
+                let written = disk.write(offset, &self.input.filled()[..len_usize]);
+                self.input.consume(len_usize);
+                let outcome = match written {
+                    Ok(()) => Outcome::Done,
+                    Err(NoSpace) => Outcome::Failed(over_cap()),
+                };
+                self.complete(head, outcome);
             }
             Ongoing::Skipping {
                 head,
@@ -652,7 +717,7 @@ impl<'a> Connection<'a> {
     fn abandon_input(&mut self) {
         if matches!(
             self.ongoing,
-            Some(Ongoing::Receiving { .. } | Ongoing::Skipping { .. })
+            Some(Ongoing::Receiving { .. } | Ongoing::Gathering { .. } | Ongoing::Skipping { .. })
         ) {
             tracing::debug!("shutdown: dropping a request whose payload is still arriving");
             self.ongoing = None;
