@@ -439,7 +439,7 @@ async fn serve_or_resume<R, W>(
 ) -> Option<HandedOver<R, W>>
 where
     R: crate::session::Receive + Send + 'static,
-    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    W: crate::session::Reply + Send + 'static,
 {
     let Session {
         exports,

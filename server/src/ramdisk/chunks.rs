@@ -146,6 +146,42 @@ impl ReadGuard<'_> {
     }
 }
 
+impl ReadGuard<'_> {
+    /// Sends at most `len` bytes from export offset `offset` to the stream socket `socket`,
+    /// without waiting (`send` with `MSG_DONTWAIT`, and `MSG_NOSIGNAL`: a peer gone away is an
+    /// error, not a signal): READ data leaves the store with one copy, the kernel's. Returns
+    /// how many bytes the socket took, or `WouldBlock` when it has no room.
+    pub(super) fn send(
+        &self,
+        offset: u64,
+        len: usize,
+        socket: BorrowedFd<'_>,
+    ) -> io::Result<usize> {
+        check_inside(&(offset..offset + len as u64), &self.span);
+        // SAFETY: the range lies inside the guarded chunk, so inside the mapping, and we hold
+        // the chunk's read lock: no writer changes these bytes while the kernel copies them
+        // (send copies before it returns; no MSG_ZEROCOPY). The kernel only reads the range.
+        // A descriptor that is not a socket makes send fail and read nothing.
+        let sent = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                self.chunks
+                    .backing
+                    .map()
+                    .as_ptr()
+                    .add(offset as usize)
+                    .cast(),
+                len,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+}
+
 /// Exclusive access to one chunk: its bytes and allocation bits can change.
 #[derive(Debug)]
 pub(super) struct WriteGuard<'a> {

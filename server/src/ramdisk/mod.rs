@@ -267,6 +267,53 @@ impl RamDisk {
         }
     }
 
+    /// Sends up to `len` bytes at `offset` to the stream socket `socket`, without waiting:
+    /// the one-copy path for large READ data (the kernel copies from the store's pages into
+    /// its socket buffer, where [`RamDisk::read`] needs a send buffer in between). Held pages
+    /// go from the mapping; holes are sent from a static zero page, so reading a hole never
+    /// makes it take RAM (a memfd's read fault would). Returns the bytes the socket took
+    /// (fewer than `len` when it filled up), or `WouldBlock` if it took none.
+    ///
+    /// # Panics
+    /// If the range is outside the export.
+    pub fn send(&self, offset: u64, len: u64, socket: BorrowedFd<'_>) -> io::Result<usize> {
+        self.check_range(offset, len);
+        let mut sent = 0;
+        for piece in pieces(offset, len) {
+            let guard = self.chunks.read(piece.chunk);
+            let bits = guard.allocated();
+            // Runs of pages in one state, one send each.
+            let mut runs = Vec::with_capacity(4);
+            for page in piece.pages() {
+                let held = bits & page.bit != 0;
+                match runs.last_mut() {
+                    Some((_, run_len, run_held)) if *run_held == held => *run_len += page.len,
+                    _ => runs.push((page.offset, page.len, held)),
+                }
+            }
+            for (at, run_len, held) in runs {
+                let taken = if held {
+                    guard.send(at, run_len as usize, socket)
+                } else {
+                    send_zeroes(socket, run_len as usize)
+                };
+                match taken {
+                    Ok(n) => {
+                        sent += n;
+                        if (n as u64) < run_len {
+                            return Ok(sent);
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock && sent > 0 => {
+                        return Ok(sent);
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Ok(sent)
+    }
+
     /// Writes `data` at `offset`, or fails with [`NoSpace`] before changing anything if the
     /// pages it would newly hold (those with non-zero data) exceed a cap.
     ///
@@ -786,6 +833,27 @@ impl Iterator for Extents<'_> {
         }
         Some((self.pos - start, state))
     }
+}
+
+/// Sends up to `len` zero bytes to `socket` without waiting; see [`RamDisk::send`].
+fn send_zeroes(socket: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    let mut sent = 0;
+    while sent < len {
+        let part = (len - sent).min(ZEROES.len());
+        match rustix::net::send(socket, &ZEROES[..part], flags) {
+            Ok(n) => {
+                sent += n;
+                if n < part {
+                    break;
+                }
+            }
+            Err(err) if sent > 0 && err == rustix::io::Errno::AGAIN => break,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(sent)
 }
 
 /// Fast all-zero test: OR-folding fixed blocks vectorises well, and random data exits at the

@@ -47,6 +47,7 @@ backing_tests!(
     a_streamed_write_lands_piece_by_piece,
     a_received_write_lands_in_the_store_and_keeps_no_zero_page,
     a_page_received_in_parts_follows_the_page_rule,
+    data_sent_straight_to_a_socket_read_back_and_holes_take_no_ram,
     resident_bytes_follow_writes_and_trims,
     budgets_writes_fail_at_the_cap_and_trim_makes_room,
     budgets_a_streamed_write_reserves_its_whole_range_first,
@@ -387,6 +388,52 @@ fn a_page_received_in_parts_follows_the_page_rule(kind: BackingKind) {
     assert_eq!(update.remaining(), 10);
     drop(update);
     assert_eq!(disk.allocated_bytes(), 0);
+}
+
+fn data_sent_straight_to_a_socket_read_back_and_holes_take_no_ram(kind: BackingKind) {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let disk = new_disk(kind, 4 * CHUNK_SIZE).unwrap();
+    // Data in chunk 0's pages 1..3 and unaligned in chunk 2; holes everywhere else.
+    let a: Vec<u8> = (0..2 * PAGE_SIZE as usize).map(|i| (i % 249) as u8 + 1).collect();
+    disk.write(PAGE_SIZE, &a).unwrap();
+    disk.write(2 * CHUNK_SIZE + 77, &[9; 5000]).unwrap();
+    let held = disk.resident_bytes();
+    let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (offset, len) = (100, 3 * CHUNK_SIZE);
+    let expected = read(&disk, offset, len as usize);
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0; len as usize];
+        theirs.read_exact(&mut got).unwrap();
+        (got, theirs)
+    });
+    let mut sent = 0;
+    while sent < len {
+        match disk.send(offset + sent, len - sent, ours.as_fd()) {
+            Ok(n) => sent += n as u64,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            Err(err) => panic!("send failed: {err}"),
+        }
+    }
+    let (got, theirs) = reader.join().unwrap();
+    assert!(got == expected, "the bytes sent differ from the bytes read");
+    assert_eq!(disk.resident_bytes(), held, "sending holes took RAM");
+    // A full socket takes part, then nothing: WouldBlock.
+    let mut took = 0;
+    let full = loop {
+        match disk.send(0, CHUNK_SIZE, ours.as_fd()) {
+            Ok(n) => {
+                assert!(n as u64 <= CHUNK_SIZE);
+                took += n;
+            }
+            Err(err) => break err,
+        }
+    };
+    assert_eq!(full.kind(), io::ErrorKind::WouldBlock);
+    assert!(took > 0);
+    // The peer gone: an error (EPIPE), never a signal.
+    drop(theirs);
+    assert!(disk.send(0, 10, ours.as_fd()).is_err());
 }
 
 /// A descriptor that is not a socket.

@@ -168,6 +168,14 @@ impl SendBuffer {
         self.buf[at..at + bytes.len()].copy_from_slice(bytes);
     }
 
+    /// Records that `n` bytes of the connection's output went to the stream without passing
+    /// through this buffer (READ data sent straight from the store), which must be empty: they
+    /// count in [`SendBuffer::stream_position`] and [`SendBuffer::sent_total`].
+    pub fn sent_elsewhere(&mut self, n: usize) {
+        assert!(!self.has_unsent(), "output sent around unsent replies");
+        self.sent_before += n as u64;
+    }
+
     /// Records that `n` bytes of [`SendBuffer::unsent`] were written.
     pub fn written(&mut self, n: usize) {
         assert!(self.sent + n <= self.len);

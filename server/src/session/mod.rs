@@ -33,7 +33,7 @@ use crate::tls::{Established, Joined, Tls};
 use negotiate::{ClientLog, Outcome};
 
 pub use negotiate::{Negotiated, PROVOKED_LINES};
-pub use socket::Receive;
+pub use socket::{Receive, Reply};
 pub use suspend::{MAX_PENDING, ResumeError, STATE_VERSION, StateError, Suspended};
 pub use transmit::CONNECTION_BUFFER_BYTES;
 
@@ -58,7 +58,7 @@ pub async fn serve<R, W>(
 ) -> Option<HandedOver<R, W>>
 where
     R: Receive + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: Reply + Send + 'static,
 {
     serve_within(
         reader,
@@ -101,7 +101,7 @@ pub async fn serve_within<R, W>(
 ) -> Option<HandedOver<R, W>>
 where
     R: Receive + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: Reply + Send + 'static,
 {
     // One view of the shutdown phases for the whole connection, handshake and transmission.
     let mut watch = shutdown.watch();
@@ -297,7 +297,7 @@ pub async fn resume<R, W>(
 ) -> Option<HandedOver<R, W>>
 where
     R: Receive + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: Reply + Send + 'static,
 {
     tracing::Span::current().record(
         "export",
@@ -340,7 +340,7 @@ async fn transmit_logged<R, W>(
 ) -> Option<HandedOver<R, W>>
 where
     R: Receive,
-    W: AsyncWrite + Unpin,
+    W: Reply,
 {
     let metrics = metrics.and_then(|m| m.export(&negotiated.export.name));
     match transmit::transmit(reader, writer, negotiated, pending, watch, metrics).await {

@@ -1,16 +1,17 @@
-//! The stream a session reads from. A plain TCP or Unix socket can also hand a large WRITE's
-//! payload straight to the store ([`Update::receive`]: the kernel copies from its socket
-//! buffer into the store's pages, one copy per byte); a TLS stream, whose bytes must be
-//! decrypted first, or an in-memory test stream cannot, and its payloads go through the
-//! receive buffer.
+//! The streams a session reads from and writes to. A plain TCP or Unix socket can also hand a
+//! large WRITE's payload straight to the store ([`Update::receive`]: the kernel copies from
+//! its socket buffer into the store's pages, one copy per byte), and take large READ data
+//! straight from it ([`RamDisk::send`]); a TLS stream, whose bytes must be decrypted or
+//! encrypted, or an in-memory test stream cannot, and its payloads go through the connection's
+//! buffers.
 
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use tokio::io::{AsyncRead, Interest, ReadHalf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf};
 
-use crate::ramdisk::Update;
+use crate::ramdisk::{RamDisk, Update};
 
 /// A stream the transmission phase reads from.
 pub trait Receive: AsyncRead + Unpin {
@@ -80,3 +81,53 @@ socket_receive!(tokio::net::unix::OwnedReadHalf, tokio::net::UnixStream);
 /// Halves of a joined stream: TLS sessions (and in-memory test streams) read through the
 /// receive buffer.
 impl<T: AsyncRead> Receive for ReadHalf<T> {}
+
+/// A stream the transmission phase writes replies to.
+pub trait Reply: AsyncWrite + Unpin {
+    /// Whether [`Reply::send_from`] can write to this stream.
+    fn is_socket(&self) -> bool {
+        false
+    }
+
+    /// Waits until the socket has room, then sends as much of `len` bytes of `disk` at
+    /// `offset` as it takes straight from the store. Returns the bytes sent.
+    fn send_from(
+        &self,
+        disk: &RamDisk,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<usize>> {
+        let _ = (disk, offset, len);
+        std::future::ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this stream is not a socket",
+        )))
+    }
+}
+
+macro_rules! socket_reply {
+    ($half:ty, $stream:ty) => {
+        impl Reply for $half {
+            fn is_socket(&self) -> bool {
+                true
+            }
+
+            async fn send_from(&self, disk: &RamDisk, offset: u64, len: u64) -> io::Result<usize> {
+                let stream: &$stream = self.as_ref();
+                loop {
+                    stream.writable().await?;
+                    let socket: BorrowedFd<'_> = stream.as_fd();
+                    match stream.try_io(Interest::WRITABLE, || disk.send(offset, len, socket)) {
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                        sent => return sent,
+                    }
+                }
+            }
+        }
+    };
+}
+
+socket_reply!(tokio::net::tcp::OwnedWriteHalf, tokio::net::TcpStream);
+socket_reply!(tokio::net::unix::OwnedWriteHalf, tokio::net::UnixStream);
+
+impl<T: AsyncWrite> Reply for WriteHalf<T> {}

@@ -33,17 +33,17 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::buffers::{ReceiveBuffer, SendBuffer};
 use super::command::{Command, Failure, MAX_DATA_CHUNK};
-use super::socket::Receive;
+use super::socket::{Receive, Reply};
 use super::{HandedOver, Negotiated, Suspended};
 use crate::metrics::ExportMetrics;
 use crate::proto::Errno;
 use crate::proto::consts::*;
 use crate::proto::transmission::{Decoded, EXTENDED_HEADER_LEN, ReplyMode, decode_request};
-use crate::ramdisk::{Extent, NoSpace, Update, ZeroMode};
+use crate::ramdisk::{Extent, NoSpace, RamDisk, Update, ZeroMode};
 use crate::shutdown::{DRAIN_IDLE, LINGER, Phase, PhaseWatch};
 
 /// A WRITE with a payload up to this size is received whole, then applied at once; a longer
@@ -54,6 +54,10 @@ pub const WHOLE_PAYLOAD: usize = 1 << 20;
 /// per byte instead of two (socket → receive buffer → store). Smaller ones come in batches
 /// of many requests per `read`, which costs fewer system calls than one `recv` each.
 const DIRECT_PAYLOAD: usize = 64 * 1024;
+/// Over a plain socket, READ data from this size on go straight from the store to the socket
+/// ([`Reply::send_from`]) once the replies before them are written, instead of through the
+/// send buffer; smaller reads are batched there, many replies per `write`.
+const DIRECT_DATA: u64 = 64 * 1024;
 /// The receive buffer holds one whole-payload request and its header.
 pub(super) const RECEIVE_CAPACITY: usize = WHOLE_PAYLOAD + 4096;
 /// Replies are encoded until this many bytes wait to be sent.
@@ -145,6 +149,8 @@ enum Produced {
     Disconnect,
     /// Handing over: every request started has completed, and no new one is started.
     Boundary,
+    /// READ data to send straight from the store: the send buffer is empty.
+    SendDirect { offset: u64, len: u64 },
 }
 
 /// What metrics need to know about a request until its reply has been written.
@@ -164,6 +170,8 @@ struct Connection<'a> {
     mode: ReplyMode,
     /// The stream is a plain socket: large WRITE payloads go straight to the store.
     direct: bool,
+    /// The stream written to is a plain socket: large READ data go straight from the store.
+    direct_send: bool,
     input: ReceiveBuffer,
     output: SendBuffer,
     ongoing: Option<Ongoing<'a>>,
@@ -186,16 +194,22 @@ struct Connection<'a> {
     unsent_meters: VecDeque<Meter>,
 }
 
-/// Writes some of `unsent` if `write`, else flushes (what a TLS layer holds back).
-async fn send<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    unsent: &[u8],
-    write: bool,
-) -> io::Result<usize> {
-    if write {
-        writer.write(unsent).await
-    } else {
-        writer.flush().await.map(|()| 0)
+/// What goes out next.
+enum Output<'b> {
+    /// Some of these encoded replies.
+    Buffered(&'b [u8]),
+    /// READ data straight from the store: `len` bytes at `offset`.
+    Direct(&'b RamDisk, u64, u64),
+    /// Nothing: flush what a TLS layer holds back.
+    Flush,
+}
+
+/// Writes some of `output`; returns how many bytes went.
+async fn send<W: Reply>(writer: &mut W, output: Output<'_>) -> io::Result<usize> {
+    match output {
+        Output::Buffered(unsent) => writer.write(unsent).await,
+        Output::Direct(disk, offset, len) => writer.send_from(disk, offset, len).await,
+        Output::Flush => writer.flush().await.map(|()| 0),
     }
 }
 
@@ -212,7 +226,7 @@ pub async fn transmit<R, W>(
 ) -> io::Result<(Stats, Option<HandedOver<R, W>>)>
 where
     R: Receive,
-    W: AsyncWrite + Unpin,
+    W: Reply,
 {
     if pending.len() > RECEIVE_CAPACITY {
         return Err(io::Error::new(
@@ -223,6 +237,7 @@ where
     let mut conn = Connection {
         mode: negotiated.reply_mode(),
         direct: reader.is_socket(),
+        direct_send: writer.is_socket(),
         negotiated: &negotiated,
         input: ReceiveBuffer::new(RECEIVE_CAPACITY)?,
         output: SendBuffer::new(SEND_CAPACITY)?,
@@ -310,6 +325,14 @@ where
         let receive = produced == Produced::NeedInput && !end_of_input && conn.input.has_spare();
         let idle = receive && conn.draining && !unsent && conn.ongoing.is_none();
         let step = produced == Produced::Yield;
+        let send_direct = matches!(produced, Produced::SendDirect { .. });
+        let output = match produced {
+            _ if unsent => Output::Buffered(conn.output.unsent()),
+            Produced::SendDirect { offset, len } => {
+                Output::Direct(&negotiated.export.disk, offset, len)
+            }
+            _ => Output::Flush,
+        };
         // A streaming WRITE with nothing buffered takes its payload straight from the socket.
         let straight = match &mut conn.ongoing {
             Some(Ongoing::Receiving { update, .. }) if conn.direct && receive => Some(update),
@@ -331,11 +354,13 @@ where
                     }
                 }
             }
-            written = send(&mut writer, conn.output.unsent(), unsent), if unsent || unflushed => {
+            written = send(&mut writer, output), if unsent || unflushed || send_direct => {
                 let written = written?;
                 if unsent {
                     conn.sent(written);
                     unflushed = flush_writes;
+                } else if send_direct {
+                    conn.sent_direct(written);
                 } else {
                     unflushed = false;
                 }
@@ -610,6 +635,25 @@ impl<'a> Connection<'a> {
                         last,
                     );
                 }
+                if self.direct_send && chunk_end - next >= DIRECT_DATA {
+                    // The data go straight from the store once everything before them (this
+                    // reply's header among it) has been written.
+                    let wait = if self.output.has_unsent() {
+                        Produced::SendBufferFull
+                    } else {
+                        Produced::SendDirect {
+                            offset: next,
+                            len: chunk_end - next,
+                        }
+                    };
+                    self.ongoing = Some(Ongoing::Sending {
+                        head,
+                        next,
+                        end,
+                        chunk_end,
+                    });
+                    return Some(wait);
+                }
                 // Up to a batch's worth: smaller copies stay in cache for the socket write.
                 let batch_left = SEND_BATCH.saturating_sub(self.output.encoded()).max(4096);
                 let n = (chunk_end - next).min(batch_left as u64) as usize;
@@ -738,10 +782,43 @@ impl<'a> Connection<'a> {
         });
     }
 
+    /// Accounts for `sent` bytes of READ data sent straight from the store
+    /// ([`Produced::SendDirect`]).
+    fn sent_direct(&mut self, sent: usize) {
+        let Some(Ongoing::Sending {
+            head,
+            next,
+            end,
+            chunk_end,
+        }) = self.ongoing.take()
+        else {
+            unreachable!("data sent straight from the store with no READ being sent");
+        };
+        let next = next + sent as u64;
+        assert!(next <= chunk_end, "sent past the data chunk");
+        self.output.sent_elsewhere(sent);
+        if next == end {
+            self.meter(head, false);
+        } else {
+            self.ongoing = Some(Ongoing::Sending {
+                head,
+                next,
+                end,
+                chunk_end,
+            });
+        }
+        self.record_sent();
+    }
+
     /// Accounts for `written` bytes of replies having been written. A request whose reply is
     /// now completely written is counted for metrics.
     fn sent(&mut self, written: usize) {
         self.output.written(written);
+        self.record_sent();
+    }
+
+    /// Counts, for metrics, the requests whose replies are now completely written.
+    fn record_sent(&mut self) {
         if let Some(metrics) = self.metrics {
             let sent_through = self.output.sent_total();
             let mut now = None;
