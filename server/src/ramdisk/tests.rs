@@ -395,7 +395,9 @@ fn data_sent_straight_to_a_socket_read_back_and_holes_take_no_ram(kind: BackingK
     use std::os::fd::AsFd;
     let disk = new_disk(kind, 4 * CHUNK_SIZE).unwrap();
     // Data in chunk 0's pages 1..3 and unaligned in chunk 2; holes everywhere else.
-    let a: Vec<u8> = (0..2 * PAGE_SIZE as usize).map(|i| (i % 249) as u8 + 1).collect();
+    let a: Vec<u8> = (0..2 * PAGE_SIZE as usize)
+        .map(|i| (i % 249) as u8 + 1)
+        .collect();
     disk.write(PAGE_SIZE, &a).unwrap();
     disk.write(2 * CHUNK_SIZE + 77, &[9; 5000]).unwrap();
     let held = disk.resident_bytes();
