@@ -445,17 +445,22 @@ impl<'a> Connection<'a> {
         // A payload up to WHOLE_PAYLOAD is waited for whole, header included, so the request
         // is checked and applied in one go; over a socket, one from DIRECT_PAYLOAD on streams
         // into the store unless it is all here already.
-        let total = header_len as u64 + request.payload_len;
-        let whole = request.payload_len <= WHOLE_PAYLOAD as u64
+        // (`payload_len` is the client's u64: the header's length is added only to one known
+        // to be small, so no value can overflow.)
+        let small = request.payload_len <= WHOLE_PAYLOAD as u64;
+        let small_payload = if small {
+            request.payload_len as usize
+        } else {
+            0
+        };
+        let total = header_len + small_payload;
+        let whole = small
             && (request.payload_len < DIRECT_PAYLOAD as u64
                 || !self.direct
-                || self.input.len() as u64 >= total);
-        if whole {
-            let total = total as usize;
-            if self.input.len() < total {
-                self.input.make_room_for(total);
-                return Some(Produced::NeedInput);
-            }
+                || self.input.len() >= total);
+        if whole && self.input.len() < total {
+            self.input.make_room_for(total);
+            return Some(Produced::NeedInput);
         }
         self.input.consume(header_len);
         self.stats.requests += 1;
