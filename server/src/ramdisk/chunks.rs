@@ -114,6 +114,11 @@ fn check_inside(range: &Range<u64>, span: &Range<u64>) {
     );
 }
 
+/// The result of a `send` or `recv`: the bytes it moved, or the error `errno` names.
+fn byte_count(returned: isize) -> io::Result<usize> {
+    usize::try_from(returned).map_err(|_| io::Error::last_os_error())
+}
+
 /// Shared access to one chunk: its bytes can be copied out.
 #[derive(Debug)]
 pub(super) struct ReadGuard<'a> {
@@ -175,10 +180,7 @@ impl ReadGuard<'_> {
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(sent as usize)
+        byte_count(sent)
     }
 }
 
@@ -250,10 +252,7 @@ impl WriteGuard<'_> {
                 libc::MSG_DONTWAIT,
             )
         };
-        if received < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(received as usize)
+        byte_count(received)
     }
 
     /// Writes zeroes over `range`.

@@ -666,16 +666,7 @@ impl<'a> Connection<'a> {
                 disk.read(next, self.output.spare(n));
                 self.output.commit(n);
                 next += n as u64;
-                if next == end {
-                    self.meter(head, false);
-                } else {
-                    self.ongoing = Some(Ongoing::Sending {
-                        head,
-                        next,
-                        end,
-                        chunk_end,
-                    });
-                }
+                self.read_data_through(head, next, end, chunk_end);
             }
         }
         None
@@ -802,6 +793,13 @@ impl<'a> Connection<'a> {
         let next = next + sent as u64;
         assert!(next <= chunk_end, "sent past the data chunk");
         self.output.sent_elsewhere(sent);
+        self.read_data_through(head, next, end, chunk_end);
+        self.record_sent();
+    }
+
+    /// A READ's data are on their way up to `next` (encoded, or sent straight from the
+    /// store): the READ is metered if that was its last byte, and goes on sending otherwise.
+    fn read_data_through(&mut self, head: Head, next: u64, end: u64, chunk_end: u64) {
         if next == end {
             self.meter(head, false);
         } else {
@@ -812,7 +810,6 @@ impl<'a> Connection<'a> {
                 chunk_end,
             });
         }
-        self.record_sent();
     }
 
     /// Accounts for `written` bytes of replies having been written. A request whose reply is
